@@ -1,0 +1,66 @@
+"""Name -> (config schema, implementation) for every pluggable config group.
+
+A strategy registers itself with a decorator in its own module:
+
+    @CACHES.register("prefix", PrefixCacheConfig)
+    class PrefixCache(CacheStrategy): ...
+
+which also stores the schema in Hydra's ConfigStore as `<group>/<name>_schema`, so the
+yaml file `conf/<group>/<name>.yaml` can name it in its defaults list and be validated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work. The message names the key and what is allowed."""
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a ConfigError naming `key` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+class Registry:
+    def __init__(self, group: str):
+        self.group = group
+        self._entries: dict[str, tuple[type, type]] = {}
+
+    def register(self, name: str, config_cls: type) -> Callable[[type], type]:
+        def decorator(impl_cls: type) -> type:
+            if name in self._entries:
+                raise ValueError(f"{self.group} option {name!r} is registered twice")
+            self._entries[name] = (config_cls, impl_cls)
+            ConfigStore.instance().store(group=self.group, name=f"{name}_schema", node=config_cls)
+            return impl_cls
+
+        return decorator
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def to_config(self, cfg: DictConfig | Any) -> Any:
+        """Turn the composed group node into its validated dataclass (runs __post_init__ checks)."""
+        if dataclasses.is_dataclass(cfg):
+            return cfg
+        name = cfg.get("name") if isinstance(cfg, DictConfig) else None
+        if name not in self._entries:
+            raise ConfigError(f"{self.group}.name={name!r} is invalid: choose one of {self.names}")
+        config_cls, _ = self._entries[name]
+        node = OmegaConf.merge(OmegaConf.structured(config_cls), cfg)
+        try:
+            return OmegaConf.to_object(node)
+        except ConfigError as err:
+            raise ConfigError(f"{self.group}.{err}") from None
+
+    def build(self, cfg: DictConfig | Any, **kwargs: Any) -> Any:
+        config = self.to_config(cfg)
+        _, impl_cls = self._entries[config.name]
+        return impl_cls(config, **kwargs)

@@ -1,0 +1,60 @@
+"""The task interface: load rows, build the prompt, extract the answer, score it."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import MISSING
+
+from fastdllm.registry import Registry, check
+
+TASKS = Registry("dataset")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    # Local file (.jsonl/.json/.parquet) read instead of the hub data set.
+    path: Optional[str] = None
+    split: str = "test"
+    # Worked examples put before the question (base models); 0 for instruct models.
+    num_fewshot: int = 0
+    # Where few-shot examples come from: a local file, else the task's training split.
+    fewshot_path: Optional[str] = None
+    # Wrap the prompt in the tokenizer's chat template: null = decide from the model (instruct or not).
+    chat: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        check(self.num_fewshot >= 0, "num_fewshot", self.num_fewshot, "must be >= 0")
+
+
+@dataclass
+class Example:
+    id: str
+    question: str
+    # The reference solution as written in the data set (worked steps for math tasks).
+    reference: str
+    # The gold final answer, normalised as extract_answer would return it.
+    gold: str
+
+
+class Task(ABC):
+    def __init__(self, config: DatasetConfig):
+        self.config = config
+
+    @abstractmethod
+    def load(self) -> list[Example]:
+        """Every evaluation row, in a fixed order, with unique ids."""
+
+    @abstractmethod
+    def build_prompt(self, example: Example, tokenizer, chat: bool) -> str:
+        """The text fed to the model: chat template for instruct models, few-shot text for base models."""
+
+    @abstractmethod
+    def extract_answer(self, completion: str) -> Optional[str]:
+        """The final answer in a model completion, normalised; None when there is none."""
+
+    @abstractmethod
+    def is_correct(self, predicted: Optional[str], gold: str) -> bool:
+        """Whether an extracted answer matches the gold one."""
