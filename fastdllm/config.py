@@ -1,0 +1,67 @@
+"""Structured configs of the groups without strategy plug-ins, and of the run itself.
+
+Strategy groups (cache, generation, reuse, dataset, logger) keep their schema beside their code and
+register it through fastdllm.registry; this module holds the `model` group and the top level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from fastdllm.registry import check
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# `${asset:tiny-llada}` in a yaml file is the absolute path of a model shipped with the package.
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name))
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    # Preset name (the option of the `model` group).
+    name: str = MISSING
+    # Local checkpoint directory or hub id, in the official layout of its family.
+    path: str = MISSING
+    revision: Optional[str] = None
+    # Instruct models get the chat template around prompts; base models get plain (few-shot) text.
+    instruct: bool = False
+
+
+@dataclass
+class RunConfig:
+    # The groups; validated by their own schemas when the run starts.
+    model: Any = MISSING
+    cache: Any = MISSING
+    generation: Any = MISSING
+    reuse: Any = MISSING
+    dataset: Any = MISSING
+    logger: Any = MISSING
+    seed: int = 0
+    batch_size: int = 1
+    # Evaluate only the first `limit` rows (null: all).
+    limit: Optional[int] = None
+    output_dir: str = MISSING
+    dtype: str = "float32"
+    device: str = "auto"
+    # Continue a run in the same output_dir: finished samples are kept and skipped.
+    resume: bool = False
+    # Print the result table and show progress bars.
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 or null")
+        check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {list(DTYPES)}")
+        check(self.device in DEVICES, "device", self.device, f"choose one of {list(DEVICES)}")
+
+
+ConfigStore.instance().store(group="model", name="model_schema", node=ModelConfig)

@@ -1,0 +1,84 @@
+"""The model interface the decode loop and the strategies use, and the family registry.
+
+A family (llada.py, dream.py, ...) subclasses DiffusionLM, names its config class, and registers
+itself under the `model_type` its official config.json carries. Everything about reading and
+writing the official checkpoint layout lives in loading.py and works for every family.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Optional, Protocol
+
+import torch
+from torch import nn
+
+from fastdllm.models.layers import KVCache
+
+MODEL_FAMILIES: dict[str, type["DiffusionLM"]] = {}
+
+
+def register_family(cls: type["DiffusionLM"]) -> type["DiffusionLM"]:
+    MODEL_FAMILIES[cls.model_type] = cls
+    return cls
+
+
+class LayerRunner(Protocol):
+    """Runs transformer layer `layer` on `hidden`; a reuse strategy may skip or reuse it instead.
+    `compute` runs the layer for real."""
+
+    def __call__(self, layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
+def run_every_layer(layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    return compute(hidden)
+
+
+class FamilyConfig(Protocol):
+    """What every family's config exposes, whatever its config.json calls the fields."""
+
+    vocab_size: int
+    max_context: int
+    mask_token_id: int
+    pad_token_id: int
+    eos_token_id: int
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> "FamilyConfig": ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class DiffusionLM(nn.Module):
+    """A masked-diffusion language model.
+
+    forward() computes the hidden states of a contiguous span of positions and returns their logits.
+    Attention covers the whole sequence: with a kv_cache, the keys/values of positions outside the
+    span come from the cache (see layers.KVCache), so the span may be any slice of the sequence.
+    """
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type]
+    # Position i's token is predicted by the logits at position i - logit_shift
+    # (0 for LLaDA; 1 for the families trained from autoregressive checkpoints, e.g. Dream).
+    logit_shift: ClassVar[int] = 0
+    # Tokens that end an answer, looked up in the tokenizer when present.
+    stop_token_strings: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: FamilyConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        layer_runner: LayerRunner = run_every_layer,
+    ) -> torch.Tensor:
+        """input_ids, position_ids: [B, n] for the computed span; key_mask: [B, L] over the whole
+        sequence (True = real token); returns float logits [B, n, vocab]."""
+        raise NotImplementedError

@@ -1,0 +1,166 @@
+"""LLaDA (LLaDA-8B-Base / -Instruct and tiny models of the same layout).
+
+OLMo-derived, LLaMA-style pre-norm blocks, fully bidirectional attention. Parameter and config
+names are those of the released checkpoint (`model.transformer.blocks.<i>.q_proj.weight`, `d_model`,
+...), so the official safetensors shards load into this module unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from fastdllm.models.base import DiffusionLM, LayerRunner, register_family, run_every_layer
+from fastdllm.models.layers import KVCache, RMSNorm, apply_rotary, attention, rotary_cos_sin, swiglu
+
+
+@dataclass
+class LLaDAConfig:
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: Optional[int] = 126464
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_sequence_length: int = 4096
+    weight_tying: bool = False
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+
+    # Settings of the OLMo code base that this implementation does not cover; a checkpoint that
+    # uses other values fails loudly instead of loading into the wrong architecture.
+    _REQUIRED = {
+        "block_type": "llama",
+        "layer_norm_type": "rms",
+        "activation_type": "silu",
+        "include_bias": False,
+        "rope": True,
+        "alibi": False,
+        "scale_logits": False,
+        "input_emb_norm": False,
+        "attention_layer_norm": False,
+    }
+
+    @property
+    def max_context(self) -> int:
+        return self.max_sequence_length
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def output_size(self) -> int:
+        return self.embedding_size or self.vocab_size
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "LLaDAConfig":
+        """A few-layer model of this layout (tests, the embedded default); `overrides` set any field."""
+        fields_ = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, max_sequence_length=512, rope_theta=10000.0)
+        fields_.update(overrides)
+        fields_.setdefault("embedding_size", fields_.get("vocab_size"))
+        return cls(**fields_)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "LLaDAConfig":
+        for key, required in cls._REQUIRED.items():
+            if key in raw and raw[key] is not None and raw[key] != required:
+                raise ValueError(f"LLaDA config.json has {key}={raw[key]!r}; only {required!r} is supported")
+        if raw.get("include_qkv_bias"):
+            raise ValueError("LLaDA config.json has include_qkv_bias=true; only bias-free projections are supported")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"model_type": "llada", "architectures": ["LLaDAModelLM"], **asdict(self)}
+        out.update(self._REQUIRED)
+        out.update(
+            include_qkv_bias=False,
+            layer_norm_with_affine=True,
+            rope_full_precision=True,
+            n_kv_heads=self.kv_heads,
+            embedding_size=self.output_size,
+        )
+        return out
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        d, kv_dim = config.d_model, config.kv_heads * config.head_dim
+        self.config = config
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv_dim, bias=False)
+        self.v_proj = nn.Linear(d, kv_dim, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)  # gate
+        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)  # down
+
+    def forward(self, h, cos, sin, *, layer: int, key_mask, kv_cache: Optional[KVCache]) -> torch.Tensor:
+        B, n, _ = h.shape
+        heads, kv_heads, hd = self.config.n_heads, self.config.kv_heads, self.config.head_dim
+        x = self.attn_norm(h)
+        q = self.q_proj(x).view(B, n, heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, n, kv_heads, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, n, kv_heads, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = attention(q, k, v, layer=layer, key_mask=key_mask, kv_cache=kv_cache)
+        h = h + self.attn_out(a.transpose(1, 2).reshape(B, n, heads * hd))
+        return h + swiglu(self.ff_norm(h), self.ff_proj, self.up_proj, self.ff_out)
+
+
+@register_family
+class LLaDAModelLM(DiffusionLM):
+    model_type = "llada"
+    config_class = LLaDAConfig
+    logit_shift = 0
+    stop_token_strings = ("<|eot_id|>", "<|endoftext|>")
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.output_size, config.d_model),
+                "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+                "ln_f": RMSNorm(config.d_model, config.rms_norm_eps),
+            }
+        )
+        if not config.weight_tying:
+            transformer["ff_out"] = nn.Linear(config.d_model, config.output_size, bias=False)
+        # Nested as in the release so parameter names read `model.transformer.<...>`.
+        self.model = nn.Module()
+        self.model.transformer = transformer
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.n_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        layer_runner: LayerRunner = run_every_layer,
+    ) -> torch.Tensor:
+        t = self.model.transformer
+        h = t["wte"](input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        for i, block in enumerate(t["blocks"]):
+            h = layer_runner(i, h, lambda x, b=block, i=i: b(x, cos, sin, layer=i, key_mask=key_mask, kv_cache=kv_cache))
+        h = t["ln_f"](h)
+        head = t["wte"].weight if self.config.weight_tying else t["ff_out"].weight
+        return (h @ head.T).float()

@@ -1,0 +1,135 @@
+"""Read and write the official checkpoint layout: config.json, safetensors shard(s), tokenizer files.
+
+The same code path loads a released 8B checkpoint and a tiny test model saved by save_checkpoint().
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastdllm.models.base import MODEL_FAMILIES, DiffusionLM
+
+# What a checkpoint directory needs; everything else in a hub repository is skipped when downloading.
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or does not match its family's layout."""
+
+
+def resolve_checkpoint(path_or_id: str, revision: Optional[str] = None) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (or found in the local hub cache)."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise CheckpointError(f"model.path={path_or_id!r} is a directory without config.json")
+        return local
+    if local.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise CheckpointError(
+            f"model.path={path_or_id!r} does not exist. Point model.path at a local checkpoint directory "
+            "(config.json + *.safetensors + tokenizer files) or at a hub id such as GSAI-ML/LLaDA-8B-Instruct."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_id, revision=revision, allow_patterns=CHECKPOINT_FILES))
+    except Exception as err:  # network, auth, missing repo: all end the same way for the user
+        raise CheckpointError(
+            f"model.path={path_or_id!r}: could not download it from the hub ({type(err).__name__}: {err}). "
+            "Without network access, download the checkpoint elsewhere and set model.path=/local/dir."
+        ) from None
+
+
+def read_config(checkpoint: Path) -> tuple[type[DiffusionLM], object]:
+    raw = json.loads((checkpoint / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_FAMILIES:
+        raise CheckpointError(
+            f"{checkpoint}/config.json has model_type={model_type!r}; supported: {sorted(MODEL_FAMILIES)}"
+        )
+    family = MODEL_FAMILIES[model_type]
+    return family, family.config_class.from_json(raw)
+
+
+def _shard_files(checkpoint: Path) -> list[Path]:
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [checkpoint / name for name in names]
+    shards = sorted(checkpoint.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{checkpoint} holds no *.safetensors weights")
+    return shards
+
+
+def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> DiffusionLM:
+    """Build the family's module without allocating, then fill it from the shards, strictly by name."""
+    family, config = read_config(checkpoint)
+    with torch.device("meta"):
+        model = family(config)
+    expected = dict(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for shard in _shard_files(checkpoint):
+        with safe_open(str(shard), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                state[name] = f.get_tensor(name).to(dtype)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint} does not match the {family.model_type} layout: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{checkpoint}: parameter {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    # tokenizer.json fully describes the released fast tokenizers; reading it directly avoids
+    # AutoTokenizer consulting config.json, whose model_type transformers does not know.
+    if (checkpoint / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(checkpoint))
+    return AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
+
+
+def save_checkpoint(model: DiffusionLM, directory: str | Path, tokenizer=None, max_shard_bytes: int = 2**31) -> Path:
+    """Write config.json and safetensors shard(s) (with an index when sharded), as the releases are laid out."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(model.config.to_json(), indent=2) + "\n")
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / filename), metadata={"format": "pt"})
+            weight_map.update({name: filename for name in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory

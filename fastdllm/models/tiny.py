@@ -1,0 +1,88 @@
+"""Tiny models of each family, saved in the official layout: for tests, and as the start of training.
+
+The tokenizer is character-level (built with the `tokenizers` library) and carries the family's
+special tokens and chat template, so the loaders and prompts treat it exactly like a released one.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from fastdllm.models.base import MODEL_FAMILIES, DiffusionLM
+from fastdllm.models.loading import save_checkpoint
+
+# Printable ASCII plus newline covers the arithmetic task, GSM8K text and code prompts.
+ALPHABET = string.printable.replace("\x0b", "").replace("\x0c", "").replace("\r", "")
+
+# Per family: special tokens (the first ones are given the roles named) and the chat template of
+# the released instruct tokenizer, so a tiny model is prompted exactly as the 8B one.
+TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
+    "llada": {
+        "special": ["<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+        "roles": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "mask_token": "<|mdm_mask|>"},
+        "chat_template": (
+            "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+            "{{ message['content'] }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+        ),
+    },
+    "Dream": {
+        "special": ["<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"],
+        "roles": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "mask_token": "<|mask|>"},
+        "chat_template": (
+            "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+            "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+    },
+}
+
+
+def build_char_tokenizer(model_type: str) -> PreTrainedTokenizerFast:
+    spec = TOKENIZER_SPECS[model_type]
+    vocab = {token: i for i, token in enumerate(spec["special"] + ["<unk>"] + list(ALPHABET))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(spec["special"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", **spec["roles"])
+    tokenizer.chat_template = spec["chat_template"]
+    return tokenizer
+
+
+def init_weights(model: DiffusionLM, std: float = 0.02, seed: int = 0) -> DiffusionLM:
+    """GPT-style initialisation: normal(0, std) matrices, unit norm weights."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        with torch.no_grad():
+            if param.dim() == 1 and "norm" in name:
+                param.fill_(1.0)
+            elif param.dim() == 1:
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def build_tiny_model(model_type: str, directory: str | Path | None = None, seed: int = 0, std: float = 0.02, **sizes: Any):
+    """A randomly initialised model of `model_type` with the character tokenizer; saved in the
+    official layout when `directory` is given. `sizes` override the family config's fields."""
+    tokenizer = build_char_tokenizer(model_type)
+    family = MODEL_FAMILIES[model_type]
+    ids = {role: tokenizer.convert_tokens_to_ids(tok) for role, tok in TOKENIZER_SPECS[model_type]["roles"].items()}
+    config = family.config_class.tiny(
+        vocab_size=len(tokenizer),
+        mask_token_id=ids["mask_token"],
+        eos_token_id=ids["eos_token"],
+        pad_token_id=ids["pad_token"],
+        **sizes,
+    )
+    model = init_weights(family(config), std=std, seed=seed)
+    if directory is not None:
+        save_checkpoint(model, directory, tokenizer)
+    return model, tokenizer
