@@ -5,7 +5,7 @@ register it through fastdllm.registry; this module holds the `model` group and t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,7 +55,6 @@ class RunConfig:
     resume: bool = False
     # Print the result table and show progress bars.
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
@@ -65,3 +64,4 @@ class RunConfig:
 
 
 ConfigStore.instance().store(group="model", name="model_schema", node=ModelConfig)
+ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -11,6 +11,8 @@ yaml file `conf/<group>/<name>.yaml` can name it in its defaults list and be val
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Any, Callable
 
 from hydra.core.config_store import ConfigStore
@@ -25,6 +27,13 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a ConfigError naming `key` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def import_submodules(package_name: str, package_path: list[str]) -> None:
+    """Import every module of a strategy package, so that each registers itself: a new strategy
+    is one new file, with no list to edit."""
+    for module in pkgutil.iter_modules(package_path):
+        importlib.import_module(f"{package_name}.{module.name}")
 
 
 class Registry:
@@ -50,6 +59,8 @@ class Registry:
         """Turn the composed group node into its validated dataclass (runs __post_init__ checks)."""
         if dataclasses.is_dataclass(cfg):
             return cfg
+        if isinstance(cfg, dict):
+            cfg = OmegaConf.create(cfg)
         name = cfg.get("name") if isinstance(cfg, DictConfig) else None
         if name not in self._entries:
             raise ConfigError(f"{self.group}.name={name!r} is invalid: choose one of {self.names}")

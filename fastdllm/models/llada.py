@@ -66,7 +66,7 @@ class LLaDAConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> "LLaDAConfig":
         """A few-layer model of this layout (tests, the embedded default); `overrides` set any field."""
-        fields_ = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, max_sequence_length=512, rope_theta=10000.0)
+        fields_ = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, max_sequence_length=1024, rope_theta=10000.0)
         fields_.update(overrides)
         fields_.setdefault("embedding_size", fields_.get("vocab_size"))
         return cls(**fields_)

@@ -1,5 +1,7 @@
-"""Evaluation tasks; each module registers one data set under `dataset=<name>`."""
+"""Evaluation tasks, one module each, registered under `dataset=<name>`."""
+from fastdllm.registry import import_submodules
 from fastdllm.tasks.base import TASKS, DatasetConfig, Example, Task
-from fastdllm.tasks import gsm8k  # noqa: F401  (registers dataset=gsm8k)
+
+import_submodules(__name__, __path__)
 
 __all__ = ["TASKS", "DatasetConfig", "Example", "Task"]

@@ -24,9 +24,12 @@ class DatasetConfig:
     fewshot_path: Optional[str] = None
     # Wrap the prompt in the tokenizer's chat template: null = decide from the model (instruct or not).
     chat: Optional[bool] = None
+    # Response length the task's answers need; generation.gen_length overrides it.
+    gen_length: int = 256
 
     def __post_init__(self) -> None:
         check(self.num_fewshot >= 0, "num_fewshot", self.num_fewshot, "must be >= 0")
+        check(self.gen_length >= 1, "gen_length", self.gen_length, "must be >= 1")
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""Evaluate a diffusion LLM with any cache / generation / reuse strategy.
+
+    python eval.py                                   # tiny LLaDA on arith, CPU, offline
+    accelerate launch eval.py model=llada-inst cache=dual generation.threshold=0.9 dataset=gsm8k
+"""
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import fastdllm.cache  # noqa: F401  (each import registers its group's options and schemas)
+import fastdllm.config  # noqa: F401
+import fastdllm.generation  # noqa: F401
+import fastdllm.loggers  # noqa: F401
+import fastdllm.reuse  # noqa: F401
+import fastdllm.tasks  # noqa: F401
+from fastdllm.evaluate import run
+from fastdllm.registry import ConfigError
+
+# Only the main process keeps Hydra's run directory; the others write nothing of their own.
+if int(os.environ.get("RANK", "0")) > 0:
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        sys.exit(f"configuration error: {err}")
+
+
+if __name__ == "__main__":
+    main()

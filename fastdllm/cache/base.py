@@ -1,0 +1,39 @@
+"""The cache interface: what must be recomputed at each step, and what is kept from earlier steps.
+
+The loop asks `block_logits(call, block_start, block_end, step)` once per step for the logits that
+predict the current block. A strategy answers with one or more `call.predict(...)`, choosing which
+span of positions the model computes and which keys/values (a KVCache) it attends to for the rest.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import MISSING
+
+from fastdllm.registry import Registry
+
+if TYPE_CHECKING:
+    from fastdllm.loop import ModelCall
+
+CACHES = Registry("cache")
+
+
+@dataclass
+class CacheConfig:
+    name: str = MISSING
+
+
+class CacheStrategy(ABC):
+    def __init__(self, config: CacheConfig):
+        self.config = config
+
+    def begin_batch(self) -> None:
+        """Forget everything kept for the previous batch."""
+
+    @abstractmethod
+    def block_logits(self, call: "ModelCall", block_start: int, block_end: int, step: int) -> torch.Tensor:
+        """Logits [B, block_end - block_start, V] predicting the current block at `step` of the
+        block (0 = its first step)."""

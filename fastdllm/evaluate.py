@@ -1,0 +1,288 @@
+"""One evaluation run: validate the config, load model and task, decode every sample once across
+the accelerate processes, stream finished samples to samples.jsonl, then write results.json."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fastdllm.cache import CACHES
+from fastdllm.config import ModelConfig, RunConfig
+from fastdllm.generation import GENERATIONS
+from fastdllm.loggers import LOGGERS
+from fastdllm.loop import answer_length, generate, stop_token_ids
+from fastdllm.models import load_model, load_tokenizer, resolve_checkpoint
+from fastdllm.registry import ConfigError
+from fastdllm.reuse import REUSES
+from fastdllm.tasks import TASKS, Example
+
+SAMPLES_FILE = "samples.jsonl"
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.yaml"
+# Keys that may differ between a run and its resumption without changing any sample's output.
+RESUMABLE_KEYS = {"resume", "limit", "batch_size", "progress", "logger", "output_dir"}
+
+
+@dataclass
+class Settings:
+    """The validated configuration: one dataclass per group (their checks have run)."""
+
+    run: RunConfig
+    model: ModelConfig
+    cache: Any
+    generation: Any
+    reuse: Any
+    dataset: Any
+    logger: Any
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Check every group against its schema; raise ConfigError naming the key and what is allowed."""
+    model_node = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model)
+    run_fields = {k: v for k, v in cfg.items() if k not in ("model", "cache", "generation", "reuse", "dataset", "logger")}
+    try:
+        run = RunConfig(**OmegaConf.to_container(OmegaConf.create(run_fields), resolve=True))
+    except ConfigError as err:
+        raise ConfigError(str(err)) from None
+    settings = Settings(
+        run=run,
+        model=OmegaConf.to_object(model_node),
+        cache=CACHES.to_config(cfg.cache),
+        generation=GENERATIONS.to_config(cfg.generation),
+        reuse=REUSES.to_config(cfg.reuse),
+        dataset=TASKS.to_config(cfg.dataset),
+        logger=LOGGERS.to_config(cfg.logger),
+    )
+    settings.generation.check_lengths(gen_length_of(settings))
+    return settings
+
+
+def gen_length_of(settings: Settings) -> int:
+    return settings.generation.gen_length or settings.dataset.gen_length
+
+
+def sample_seed(seed: int, example_id: str) -> int:
+    """Per-sample seed: the same sample draws the same noise in any batch and on any process."""
+    return zlib.crc32(f"{seed}:{example_id}".encode())
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """Finished samples, in the order written; a line cut off by a crash is dropped from the file."""
+    if not path.is_file():
+        return []
+    records, seen, valid_bytes = [], set(), 0
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError:
+                break  # the last, partially written line of a killed run
+            if not raw.endswith(b"\n"):
+                break
+            valid_bytes += len(raw)
+            if record["id"] not in seen:
+                seen.add(record["id"])
+                records.append(record)
+    if valid_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(valid_bytes)
+    return records
+
+
+def append_samples(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_resumable(run_dir: Path, resolved: dict[str, Any], resume: bool) -> None:
+    has_samples = (run_dir / SAMPLES_FILE).is_file() and (run_dir / SAMPLES_FILE).stat().st_size > 0
+    if has_samples and not resume:
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} already holds {SAMPLES_FILE}: pass resume=true to continue that run, "
+            "or choose another output_dir"
+        )
+    saved = run_dir / CONFIG_FILE
+    if resume and saved.is_file():
+        before = OmegaConf.to_container(OmegaConf.load(saved))
+        changed = sorted(
+            key for key in set(before) | set(resolved)
+            if key not in RESUMABLE_KEYS and before.get(key) != resolved.get(key)
+        )
+        if changed:
+            raise ConfigError(f"resume=true but {changed} differ from the run in {run_dir}; resume with the same settings")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def summarize(records: list[dict[str, Any]], settings: Settings, world_size: int) -> dict[str, Any]:
+    n = len(records)
+    # A sample's share of its batch's decode time; summed, the total decode time of all processes.
+    decode_seconds = sum(r["latency_s"] / r["batch_size"] for r in records)
+    latencies = sorted(r["latency_s"] for r in records)
+    p95 = latencies[min(n - 1, math.ceil(0.95 * n) - 1)] if n else float("nan")
+    gen_length = gen_length_of(settings)
+    return {
+        "accuracy": sum(r["correct"] for r in records) / n if n else float("nan"),
+        "samples": n,
+        "nfe_mean": sum(r["nfe"] for r in records) / n if n else float("nan"),
+        "positions_mean": sum(r["positions"] for r in records) / n if n else float("nan"),
+        "tokens_mean": sum(r["tokens"] for r in records) / n if n else float("nan"),
+        # Throughput per process: answer tokens (up to the end token), and all gen_length tokens.
+        "tokens_per_s": sum(r["tokens"] for r in records) / decode_seconds if decode_seconds else float("nan"),
+        "tokens_per_s_all": n * gen_length / decode_seconds if decode_seconds else float("nan"),
+        "latency_mean_s": sum(latencies) / n if n else float("nan"),
+        "latency_p95_s": p95,
+        "decode_seconds": decode_seconds,
+        "model": settings.model.name,
+        "model_path": settings.model.path,
+        "cache": asdict(settings.cache),
+        "generation": asdict(settings.generation) | {"gen_length": gen_length},
+        "reuse": asdict(settings.reuse),
+        "dataset": settings.dataset.name,
+        "batch_size": settings.run.batch_size,
+        "dtype": settings.run.dtype,
+        "processes": world_size,
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gen = results["generation"]
+    title = (
+        f"{results['model']} | {results['dataset']} | cache={results['cache']['name']} | "
+        f"generation={gen['name']} gen_length={gen['gen_length']} block={gen['block_length']} "
+        f"threshold={gen.get('threshold')} | reuse={results['reuse']['name']}"
+    )
+    table = Table(title=title)
+    rows = [
+        ("samples", f"{results['samples']}"),
+        ("accuracy", f"{100 * results['accuracy']:.2f} %"),
+        ("NFE (mean forward passes)", f"{results['nfe_mean']:.1f}"),
+        ("positions computed (mean)", f"{results['positions_mean']:.0f}"),
+        ("tokens/s (answer tokens up to EOS)", f"{results['tokens_per_s']:.1f}"),
+        ("tokens/s (all gen_length tokens)", f"{results['tokens_per_s_all']:.1f}"),
+        ("latency mean / p95 (s, per batch)", f"{results['latency_mean_s']:.3f} / {results['latency_p95_s']:.3f}"),
+    ]
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[dict[str, Any]]:
+    """Evaluate; returns the results on the main process (None on the others)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+    from tqdm import tqdm
+
+    settings = validate(cfg)
+    run_cfg = settings.run
+    state = PartialState(cpu=run_cfg.device == "cpu")
+    device = torch.device("cpu") if run_cfg.device == "cpu" else state.device
+    if run_cfg.device == "cuda" and device.type != "cuda":
+        raise ConfigError("device='cuda' but no GPU is visible; use device=auto or device=cpu")
+    torch.manual_seed(run_cfg.seed)
+
+    # Every process writes into the main process's run directory (Hydra's clock may differ across processes).
+    shared = [str(run_dir) if state.is_main_process else None]
+    broadcast_object_list(shared)
+    run_dir = Path(shared[0])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    samples_path = run_dir / SAMPLES_FILE
+    done_ids: list[str] = []
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        check_resumable(run_dir, resolved, run_cfg.resume)
+        OmegaConf.save(OmegaConf.create(resolved), run_dir / CONFIG_FILE)
+        done_ids = [r["id"] for r in read_samples(samples_path)]
+    shared = [done_ids]
+    broadcast_object_list(shared)
+    done = set(shared[0])
+
+    task = TASKS.build(settings.dataset)
+    examples: list[Example] = task.load()
+    if run_cfg.limit is not None:
+        examples = examples[: run_cfg.limit]
+    todo = [e for e in examples if e.id not in done]
+
+    checkpoint = resolve_checkpoint(settings.model.path, settings.model.revision)
+    model = load_model(checkpoint, getattr(torch, run_cfg.dtype), device)
+    tokenizer = load_tokenizer(checkpoint)
+    stop_ids = stop_token_ids(model, tokenizer)
+    generation = GENERATIONS.build(settings.generation)
+    cache = CACHES.build(settings.cache)
+    reuse = REUSES.build(settings.reuse)
+    logger = LOGGERS.build(settings.logger)
+    chat = settings.dataset.chat if settings.dataset.chat is not None else settings.model.instruct
+    gen_length = gen_length_of(settings)
+
+    # Contiguous shards; every process runs the same number of batches so they can gather together.
+    shard_size = math.ceil(len(todo) / state.num_processes) if todo else 0
+    shard = todo[state.process_index * shard_size : (state.process_index + 1) * shard_size]
+    num_batches = math.ceil(shard_size / run_cfg.batch_size) if shard_size else 0
+    progress = tqdm(total=len(todo), desc="samples", disable=not (run_cfg.progress and state.is_main_process))
+    for b in range(num_batches):
+        batch = shard[b * run_cfg.batch_size : (b + 1) * run_cfg.batch_size]
+        records = []
+        if batch:
+            prompts_text = [task.build_prompt(e, tokenizer, chat) for e in batch]
+            prompts = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in prompts_text]
+            generators = [torch.Generator(device).manual_seed(sample_seed(run_cfg.seed, e.id)) for e in batch]
+            out = generate(model, prompts, gen_length=gen_length, generation=generation, cache=cache, reuse=reuse,
+                           generators=generators, stop_ids=stop_ids)
+            for i, example in enumerate(batch):
+                response = out.responses[i].tolist()
+                tokens = answer_length(response, stop_ids)
+                text = tokenizer.decode(response[:tokens], skip_special_tokens=True)
+                predicted = task.extract_answer(text)
+                records.append({
+                    "id": example.id,
+                    "prompt": prompts_text[i],
+                    "output": text,
+                    "extracted": predicted,
+                    "gold": example.gold,
+                    "correct": task.is_correct(predicted, example.gold),
+                    "nfe": out.nfe[i],
+                    "positions": out.positions[i],
+                    "tokens": tokens,
+                    "committed_per_step": out.committed_per_step[i],
+                    "latency_s": out.seconds,
+                    "batch_size": len(batch),
+                    "process": state.process_index,
+                })
+        gathered = gather_object(records) if state.num_processes > 1 else records
+        if state.is_main_process:
+            append_samples(samples_path, gathered)
+            progress.update(len(gathered))
+    progress.close()
+
+    if not state.is_main_process:
+        return None
+    wanted = {e.id for e in examples}
+    finished = [r for r in read_samples(samples_path) if r["id"] in wanted]
+    results = summarize(finished, settings, state.num_processes)
+    (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    if run_cfg.progress:
+        print_table(results)
+    logger.log_run(run_dir, resolved, results, finished)
+    return results

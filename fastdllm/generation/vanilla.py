@@ -1,0 +1,110 @@
+"""Low-confidence remasking (LLaDA) with optional confidence-threshold / factor parallel decoding (Fast-dLLM).
+
+Each step proposes a token for every masked position of the current block (argmax of the logits,
+with Gumbel noise when temperature > 0), scores each proposal's confidence, and commits:
+- by default, the `quota` most confident (the even schedule: steps / blocks steps per block);
+- with `threshold`, also every proposal whose confidence reaches it (always at least the top one);
+- with `factor`, the n most confident while (n + 1) * (1 - c_n) < factor (at least the top one).
+With a threshold or factor the schedule's quota is still a floor, so `steps` stays an upper bound;
+at the published settings (steps = gen_length, quota 1) this is exactly Fast-dLLM's rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fastdllm.generation.base import GENERATIONS, GenerationConfig, GenerationStrategy
+from fastdllm.registry import check
+
+
+def top_probability(probs: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def random_order(probs: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(tokens.shape, generator=generator, device=generator.device, dtype=probs.dtype).to(probs.device)
+
+
+def top_margin(probs: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def negative_entropy(probs: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return (probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+# remasking option -> confidence of each proposal (higher is committed first).
+# `low_confidence` remasks the least confident, i.e. commits by top-1 probability (LLaDA);
+# `topk_margin` and `entropy` are Dream's alternatives.
+CONFIDENCE: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "low_confidence": top_probability,
+    "random": random_order,
+    "topk_margin": top_margin,
+    "entropy": negative_entropy,
+}
+
+
+@dataclass
+class VanillaConfig(GenerationConfig):
+    name: str = "vanilla"
+    remasking: str = "low_confidence"
+    # Commit every proposal whose confidence reaches this value, in (0, 1]; null = schedule only.
+    threshold: Optional[float] = None
+    # Fast-dLLM's factor rule; null = off. Exclusive with threshold.
+    factor: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.remasking in CONFIDENCE, "remasking", self.remasking, f"choose one of {sorted(CONFIDENCE)}")
+        check(self.threshold is None or 0 < self.threshold <= 1, "threshold", self.threshold, "must be in (0, 1] or null")
+        check(self.factor is None or self.factor > 0, "factor", self.factor, "must be > 0 or null")
+        check(self.threshold is None or self.factor is None, "factor", self.factor, "cannot be combined with threshold; set one")
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """argmax(logits + temperature * Gumbel noise), noise drawn per sample in float64 (as LLaDA)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    noisy = []
+    for row, generator in zip(logits, generators):
+        uniform = torch.rand(row.shape, generator=generator, device=generator.device, dtype=torch.float64).to(row.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+        noisy.append((row.double() + temperature * gumbel).argmax(-1))
+    return torch.stack(noisy)
+
+
+def commit_count_by_factor(sorted_confidence: torch.Tensor, factor: float) -> torch.Tensor:
+    """Largest n with (n + 1) * (1 - c_n) < factor for the n-th highest confidence c_n, per sample."""
+    n = torch.arange(1, sorted_confidence.shape[-1] + 1, device=sorted_confidence.device)
+    holds = (n + 1) * (1 - sorted_confidence) < factor
+    # Count the leading run of positions where the rule holds.
+    return holds.long().cumprod(-1).sum(-1)
+
+
+@GENERATIONS.register("vanilla", VanillaConfig)
+class VanillaGeneration(GenerationStrategy):
+    config: VanillaConfig
+
+    def select(self, logits, masked, quota, generators):
+        tokens = gumbel_argmax(logits, self.config.temperature, generators)
+        probs = torch.softmax(logits.double(), dim=-1)
+        score = CONFIDENCE[self.config.remasking]
+        confidence = torch.stack([score(p, t, g) for p, t, g in zip(probs, tokens, generators)])
+        confidence = confidence.masked_fill(~masked, -torch.inf)
+        # Rank positions by confidence; a stable sort keeps ties in position order.
+        sorted_confidence, order = confidence.sort(dim=-1, descending=True, stable=True)
+        count = quota.clone()
+        if self.config.threshold is not None:
+            count = torch.maximum(count, (sorted_confidence >= self.config.threshold).sum(-1))
+        if self.config.factor is not None:
+            count = torch.maximum(count, commit_count_by_factor(sorted_confidence, self.config.factor))
+        if self.config.threshold is not None or self.config.factor is not None:
+            count = count.clamp_min(1)
+        count = torch.minimum(count, masked.sum(-1))
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        commit = (rank < count[:, None]) & masked
+        return tokens, commit
