@@ -59,6 +59,8 @@ class ModelCall:
             positions, key_mask = positions.repeat(2, 1), key_mask.repeat(2, 1)
         logits = self.model(ids, positions, key_mask, kv_cache=kv_cache, layer_runner=self.reuse.run_layer)
         logits = logits[..., : self.model.config.vocab_size]
+        # The mask token is never a prediction: committing it would leave a position masked but counted as decoded.
+        logits[..., self.model.config.mask_token_id] = -torch.inf
         if self.cfg_scale > 0:
             conditional, unconditional = logits.chunk(2)
             logits = unconditional + (self.cfg_scale + 1) * (conditional - unconditional)

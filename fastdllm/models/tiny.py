@@ -56,14 +56,14 @@ def build_char_tokenizer(model_type: str) -> PreTrainedTokenizerFast:
 
 
 def init_weights(model: DiffusionLM, std: float = 0.02, seed: int = 0) -> DiffusionLM:
-    """GPT-style initialisation: normal(0, std) matrices, unit norm weights."""
+    """GPT-style initialisation: normal(0, std) matrices, unit norm weights, zero biases."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         with torch.no_grad():
-            if param.dim() == 1 and "norm" in name:
-                param.fill_(1.0)
-            elif param.dim() == 1:
+            if name.endswith("bias"):
                 param.zero_()
+            elif param.dim() == 1:  # the RMSNorm scales
+                param.fill_(1.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model
