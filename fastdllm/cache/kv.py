@@ -1,0 +1,85 @@
+"""The keys/values that prefix and dual caching keep between forward passes, and the refresh schedule
+they share. Both are one strategy, `KVCacheStrategy`, that differs only in which span of positions a
+step between refreshes recomputes (`span`).
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from fastdllm.cache.base import CacheConfig, CacheStrategy
+from fastdllm.registry import check
+
+if TYPE_CHECKING:
+    from fastdllm.loop import ModelCall
+
+
+class SequenceKV:
+    """Every layer's keys/values over the whole sequence, [B, kv_heads, L, head_dim] each.
+
+    A forward over the whole sequence records them; a forward over a span [start, end) writes its
+    fresh keys/values into that slice in place (so the positions it recomputes are never stale) and
+    attends to the whole sequence, which is what layers.attention expects of a KVCache.
+    """
+
+    def __init__(self, length: int):
+        self.length = length
+        self.span = (0, length)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def computing(self, start: int, end: int) -> "SequenceKV":
+        """Set the span the next forward computes; returns self to pass as the forward's kv_cache."""
+        self.span = (start, end)
+        return self
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.span
+        if (start, end) == (0, self.length):
+            # The fresh tensors of a full forward are kept as they are, without a copy.
+            self.keys[layer], self.values[layer] = key, value
+        elif layer not in self.keys:
+            raise RuntimeError(
+                f"layer {layer} has no cached keys/values: it was skipped in the full forward that "
+                "records them (a reuse strategy must compute every layer at a cache refresh)"
+            )
+        else:
+            self.keys[layer][:, :, start:end] = key
+            self.values[layer][:, :, start:end] = value
+        return self.keys[layer], self.values[layer]
+
+
+@dataclass
+class KVCacheConfig(CacheConfig):
+    # Recompute the whole sequence (and rebuild the cache) every N steps of a block; null = only at
+    # each block's first step (Fast-dLLM). 1 recomputes everything every step (= cache=none).
+    refresh_interval: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check(self.refresh_interval is None or self.refresh_interval >= 1, "refresh_interval",
+              self.refresh_interval, "must be >= 1 or null")
+
+
+class KVCacheStrategy(CacheStrategy):
+    """A full forward at each refresh records every layer's keys/values; the steps in between
+    recompute only `span` and take the keys/values of every other position from that record."""
+
+    config: KVCacheConfig
+
+    def begin_batch(self) -> None:
+        self.kv: Optional[SequenceKV] = None
+
+    @abstractmethod
+    def span(self, call: "ModelCall", block_start: int, block_end: int) -> tuple[int, int]:
+        """Positions [start, end) a step between refreshes recomputes."""
+
+    def block_logits(self, call, block_start, block_end, step):
+        interval = self.config.refresh_interval
+        if step == 0 or (interval is not None and step % interval == 0):
+            self.kv = SequenceKV(call.length)
+            return call.predict(block_start, block_end, compute=(0, call.length), kv_cache=self.kv)
+        start, end = self.span(call, block_start, block_end)
+        return call.predict(block_start, block_end, compute=(start, end), kv_cache=self.kv.computing(start, end))
