@@ -197,8 +197,10 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[dict[str, A
 
     settings = validate(cfg)
     run_cfg = settings.run
-    state = PartialState(cpu=run_cfg.device == "cpu")
-    device = torch.device("cpu") if run_cfg.device == "cpu" else state.device
+    # On a machine without a GPU, accelerate only forms a multi-process (gloo) group when told to use the CPU.
+    use_cpu = run_cfg.device == "cpu" or (run_cfg.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=use_cpu)
+    device = torch.device("cpu") if use_cpu else state.device
     if run_cfg.device == "cuda" and device.type != "cuda":
         raise ConfigError("device='cuda' but no GPU is visible; use device=auto or device=cpu")
     torch.manual_seed(run_cfg.seed)
