@@ -156,3 +156,16 @@ def test_two_processes_equal_one(tiny_llada_dir, tmp_path):
         assert two[sample_id]["output"] == record["output"]
         assert two[sample_id]["nfe"] == record["nfe"]
     assert json.loads((double / "results.json").read_text())["processes"] == 2
+
+
+def test_wandb_logger_writes_an_offline_run(tiny_llada_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "wandb-run"
+    results = evaluate(tiny_llada_dir, out, "limit=2", "logger=wandb")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    tables = runs[0] / "files" / "media" / "table"
+    samples = json.loads(next(tables.glob("samples_*.table.json")).read_text())
+    assert sorted(row[samples["columns"].index("id")] for row in samples["data"]) == ["gsm8k-test-0", "gsm8k-test-1"]
+    summary = json.loads(next(tables.glob("results_*.table.json")).read_text())
+    assert summary["data"][0][summary["columns"].index("nfe_mean")] == results["nfe_mean"]
