@@ -64,16 +64,18 @@ class VanillaConfig(GenerationConfig):
         check(self.threshold is None or self.factor is None, "factor", self.factor, "cannot be combined with threshold; set one")
 
 
+def gumbel_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise in float64, drawn from one sample's generator."""
+    uniform = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64).to(device)
+    return -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+
+
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
     """argmax(logits + temperature * Gumbel noise), noise drawn per sample in float64 (as LLaDA)."""
     if temperature == 0:
         return logits.argmax(-1)
-    noisy = []
-    for row, generator in zip(logits, generators):
-        uniform = torch.rand(row.shape, generator=generator, device=generator.device, dtype=torch.float64).to(row.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
-        noisy.append((row.double() + temperature * gumbel).argmax(-1))
-    return torch.stack(noisy)
+    noisy = [row.double() + temperature * gumbel_noise(row.shape, g, row.device) for row, g in zip(logits, generators)]
+    return torch.stack(noisy).argmax(-1)
 
 
 def commit_count_by_factor(sorted_confidence: torch.Tensor, factor: float) -> torch.Tensor:
@@ -82,6 +84,31 @@ def commit_count_by_factor(sorted_confidence: torch.Tensor, factor: float) -> to
     holds = (n + 1) * (1 - sorted_confidence) < factor
     # Count the leading run of positions where the rule holds.
     return holds.long().cumprod(-1).sum(-1)
+
+
+def commit_most_confident(
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    quota: torch.Tensor,
+    threshold: Optional[float] = None,
+    factor: Optional[float] = None,
+) -> torch.Tensor:
+    """Which masked positions [B, n] to commit: per sample the `quota` most confident, raised by the
+    threshold or factor rule when set (then at least one). Shared by every confidence-ordered strategy."""
+    confidence = confidence.masked_fill(~masked, -torch.inf)
+    # Rank positions by confidence; a stable sort keeps ties in position order.
+    sorted_confidence, order = confidence.sort(dim=-1, descending=True, stable=True)
+    count = quota.clone()
+    if threshold is not None:
+        count = torch.maximum(count, (sorted_confidence >= threshold).sum(-1))
+    if factor is not None:
+        count = torch.maximum(count, commit_count_by_factor(sorted_confidence, factor))
+    if threshold is not None or factor is not None:
+        count = count.clamp_min(1)
+    count = torch.minimum(count, masked.sum(-1))
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < count[:, None]) & masked
 
 
 @GENERATIONS.register("vanilla", VanillaConfig)
@@ -93,18 +120,5 @@ class VanillaGeneration(GenerationStrategy):
         probs = torch.softmax(logits.double(), dim=-1)
         score = CONFIDENCE[self.config.remasking]
         confidence = torch.stack([score(p, t, g) for p, t, g in zip(probs, tokens, generators)])
-        confidence = confidence.masked_fill(~masked, -torch.inf)
-        # Rank positions by confidence; a stable sort keeps ties in position order.
-        sorted_confidence, order = confidence.sort(dim=-1, descending=True, stable=True)
-        count = quota.clone()
-        if self.config.threshold is not None:
-            count = torch.maximum(count, (sorted_confidence >= self.config.threshold).sum(-1))
-        if self.config.factor is not None:
-            count = torch.maximum(count, commit_count_by_factor(sorted_confidence, self.config.factor))
-        if self.config.threshold is not None or self.config.factor is not None:
-            count = count.clamp_min(1)
-        count = torch.minimum(count, masked.sum(-1))
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        commit = (rank < count[:, None]) & masked
+        commit = commit_most_confident(confidence, masked, quota, self.config.threshold, self.config.factor)
         return tokens, commit
