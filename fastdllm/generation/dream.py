@@ -7,16 +7,18 @@ and scores each proposal by `alg`, computed on those same probabilities:
   `entropy`: negative entropy; `origin`: a random order.
 It commits the scheduled number of best-scored positions; with `alg_temp` > 0 the positions are
 instead drawn without replacement with probabilities softmax(score / alg_temp). With `threshold`
-(Fast-dLLM), every proposal whose probability score reaches it is committed as well.
+(Fast-dLLM), every proposal whose probability score reaches it is committed as well, and at least
+one per step; the scheduled counts stay a floor, so `steps` is an upper bound (as in vanilla).
 
 Schedule: Dream's timesteps t_i = linspace(1, eps, steps + 1); at step i (of a block's steps) it
 commits floor(m_i * (1 - t_{i+1} / t_i)) of the m_i positions still masked, and all of them at the
 last step. Fast-dLLM restarts that schedule in each block of `block_length` tokens.
 
-Where this differs from the published code (see the report / README):
+Where this differs from the published code:
 - Dream counts m_i as the batch mean; here per sample, so that a sample decodes the same in any batch.
 - Dream's `origin` reveals each masked position independently with probability 1 - t_{i+1} / t_i;
-  here it commits a uniformly random subset of the scheduled size (same expected count).
+  here it commits a uniformly random subset of the scheduled size (the floor of that expectation).
+- `entropy` is vanilla's sum p log p (log of p clamped at 1e-30; Dream adds 1e-10 inside the log).
 - Fast-dLLM's block code additionally commits each block's first position at the block's first
   step and scores with entropy whatever `alg` says; neither quirk is reproduced.
 """
