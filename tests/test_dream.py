@@ -287,3 +287,26 @@ def test_hydra_presets_compose():
             assert (model.path, model.instruct) == (hub_id, instruct)
             generation = GENERATIONS.to_config(cfg.generation)
             assert (generation.name, generation.alg, generation.threshold, generation.eps) == ("dream", "maskgit_plus", 0.9, 1e-3)
+
+
+def test_release_tokenizer_without_tokenizer_json_loads_without_remote_code(tmp_path, tiny_dream_dir):
+    """Dream's release ships vocab.json + merges.txt and names a remote tokenizer class."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    (tmp_path / "config.json").write_text((tiny_dream_dir / "config.json").read_text())
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab.update({"Ġt": len(vocab), "he": len(vocab) + 1})
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ t\nh e\n")
+    special = {"content": "", "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "DreamTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "added_tokens_decoder": {str(len(vocab)): {**special, "content": "<|endoftext|>"},
+                                 str(len(vocab) + 1): {**special, "content": "<|mask|>"}},
+        "eos_token": "<|endoftext|>", "mask_token": "<|mask|>",
+    }))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.decode(tokenizer.encode("the cat")) == "the cat"
+    assert tokenizer.convert_tokens_to_ids("<|mask|>") == len(vocab) + 1
+    assert tokenizer.encode("the <|mask|>")[-1] == len(vocab) + 1

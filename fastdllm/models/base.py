@@ -62,6 +62,8 @@ class DiffusionLM(nn.Module):
     logit_shift: ClassVar[int] = 0
     # Tokens that end an answer, looked up in the tokenizer when present.
     stop_token_strings: ClassVar[tuple[str, ...]] = ()
+    # transformers class that reads the release's tokenizer files when it has no tokenizer.json.
+    tokenizer_class: ClassVar[Optional[str]] = None
 
     def __init__(self, config: FamilyConfig):
         super().__init__()

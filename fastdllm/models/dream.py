@@ -145,6 +145,8 @@ class DreamModel(DiffusionLM):
     config_class = DreamConfig
     logit_shift = 1
     stop_token_strings = ("<|im_end|>", "<|endoftext|>")
+    # The release ships vocab.json/merges.txt for a remote DreamTokenizer, which is Qwen2's byte-level BPE.
+    tokenizer_class = "Qwen2Tokenizer"
 
     def __init__(self, config: DreamConfig):
         super().__init__(config)

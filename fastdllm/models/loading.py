@@ -96,13 +96,18 @@ def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device | str 
 
 
 def load_tokenizer(checkpoint: Path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    import transformers
 
-    # tokenizer.json fully describes the released fast tokenizers; reading it directly avoids
-    # AutoTokenizer consulting config.json, whose model_type transformers does not know.
+    # tokenizer.json fully describes a fast tokenizer; reading it directly avoids AutoTokenizer
+    # consulting config.json, whose model_type transformers does not know.
     if (checkpoint / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(checkpoint))
-    return AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(checkpoint))
+    # Releases that ship only vocab.json/merges.txt name a remote tokenizer class; the family says
+    # which transformers class reads the same files without remote code.
+    family, _ = read_config(checkpoint)
+    if family.tokenizer_class is not None:
+        return getattr(transformers, family.tokenizer_class).from_pretrained(str(checkpoint))
+    return transformers.AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
 
 
 def save_checkpoint(model: DiffusionLM, directory: str | Path, tokenizer=None, max_shard_bytes: int = 2**31) -> Path:
