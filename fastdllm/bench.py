@@ -100,9 +100,9 @@ def random_workload(cfg: BenchConfig, gen_length: int, dtype: torch.dtype, devic
     generator = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(config.vocab_size, (cfg.prompts, cfg.prompt_length), generator=generator)
     ids = ids.masked_fill(ids == config.mask_token_id, config.eos_token_id)
-    params = sum(p.numel() for p in model.parameters()) / 1e9
+    params = sum(p.numel() for p in model.parameters())
     return Workload(model, ids.tolist(), gen_length, [config.eos_token_id],
-                    f"random {cfg.family} ({params:.2f} B parameters) {cfg.sizes or 'released sizes'}")
+                    f"random {cfg.family} ({params:,} parameters) {cfg.sizes or 'released sizes'}")
 
 
 def dataset_workload(cfg: BenchConfig, model_cfg: ModelConfig, dataset: Any, gen_length: int, dtype: torch.dtype,
