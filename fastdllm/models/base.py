@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol
 import torch
 from torch import nn
 
-from fastdllm.models.layers import KVCache
+from fastdllm.models.layers import KVCache, rotary_cos_sin
 
 MODEL_FAMILIES: dict[str, type["DiffusionLM"]] = {}
 
@@ -37,6 +37,8 @@ class FamilyConfig(Protocol):
 
     vocab_size: int
     max_context: int
+    head_dim: int
+    rope_theta: float
     mask_token_id: int
     pad_token_id: int
     eos_token_id: int
@@ -51,6 +53,8 @@ class DiffusionLM(nn.Module):
     """A masked-diffusion language model.
 
     forward() computes the hidden states of a contiguous span of positions and returns their logits.
+    The families share this forward (embed, rotary, pre-norm layers, final norm, output head) and
+    differ in their layers' parameter names and config fields.
     Attention covers the whole sequence: with a kv_cache, the keys/values of positions outside the
     span come from the cache (see layers.KVCache), so the span may be any slice of the sequence.
     """
@@ -69,9 +73,14 @@ class DiffusionLM(nn.Module):
         super().__init__()
         self.config = config
 
+    def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module, torch.Tensor]:
+        """The family's modules under their official names: token embedding, layers (each called as
+        layer(h, cos, sin, layer=i, key_mask=..., kv_cache=...)), final norm, output matrix [vocab, d]."""
+        raise NotImplementedError
+
     @property
     def num_layers(self) -> int:
-        raise NotImplementedError
+        return len(self.parts()[1])
 
     def forward(
         self,
@@ -83,4 +92,9 @@ class DiffusionLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, position_ids: [B, n] for the computed span; key_mask: [B, L] over the whole
         sequence (True = real token); returns float logits [B, n, vocab]."""
-        raise NotImplementedError
+        embedding, layers, final_norm, output_weight = self.parts()
+        h = embedding(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        for i, layer in enumerate(layers):
+            h = layer_runner(i, h, lambda x, layer=layer, i=i: layer(x, cos, sin, layer=i, key_mask=key_mask, kv_cache=kv_cache))
+        return (final_norm(h) @ output_weight.T).float()

@@ -16,8 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fastdllm.models.base import DiffusionLM, LayerRunner, register_family, run_every_layer
-from fastdllm.models.layers import KVCache, RMSNorm, apply_rotary, attention, rotary_cos_sin, swiglu
+from fastdllm.models.base import DiffusionLM, register_family
+from fastdllm.models.layers import KVCache, RMSNorm, self_attention, swiglu
 
 
 @dataclass
@@ -105,14 +105,11 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=False)
 
     def forward(self, x, cos, sin, *, layer: int, key_mask, kv_cache: Optional[KVCache]) -> torch.Tensor:
-        B, n, _ = x.shape
-        heads, kv_heads, hd = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
-        q = self.q_proj(x).view(B, n, heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, n, kv_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, n, kv_heads, hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = attention(q, k, v, layer=layer, key_mask=key_mask, kv_cache=kv_cache)
-        return self.o_proj(a.transpose(1, 2).reshape(B, n, heads * hd))
+        return self_attention(
+            x, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
+            heads=self.config.num_attention_heads, kv_heads=self.config.num_key_value_heads, cos=cos, sin=sin,
+            layer=layer, key_mask=key_mask, kv_cache=kv_cache,
+        )
 
 
 class DreamMLP(nn.Module):
@@ -159,22 +156,7 @@ class DreamModel(DiffusionLM):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        key_mask: Optional[torch.Tensor] = None,
-        kv_cache: Optional[KVCache] = None,
-        layer_runner: LayerRunner = run_every_layer,
-    ) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        for i, layer in enumerate(self.model.layers):
-            h = layer_runner(i, h, lambda x, l=layer, i=i: l(x, cos, sin, layer=i, key_mask=key_mask, kv_cache=kv_cache))
-        h = self.model.norm(h)
-        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return (h @ head.T).float()
+    def parts(self):
+        m = self.model
+        head = m.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return m.embed_tokens, m.layers, m.norm, head

@@ -78,6 +78,33 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def self_attention(
+    x: torch.Tensor,
+    q_proj: nn.Linear,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    out_proj: nn.Linear,
+    *,
+    heads: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layer: int,
+    key_mask: Optional[torch.Tensor],
+    kv_cache: Optional[KVCache],
+) -> torch.Tensor:
+    """Project x [B, n, d] to rotated queries/keys and values, attend, project back; the families
+    pass their own (officially named) projections."""
+    B, n, _ = x.shape
+    head_dim = q_proj.out_features // heads
+    q = q_proj(x).view(B, n, heads, head_dim).transpose(1, 2)
+    k = k_proj(x).view(B, n, kv_heads, head_dim).transpose(1, 2)
+    v = v_proj(x).view(B, n, kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    a = attention(q, k, v, layer=layer, key_mask=key_mask, kv_cache=kv_cache)
+    return out_proj(a.transpose(1, 2).reshape(B, n, heads * head_dim))
+
+
 def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
     """The feed-forward of every family: down(silu(gate(x)) * up(x))."""
     return down(F.silu(gate(x)) * up(x))

@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fastdllm.models.base import DiffusionLM, LayerRunner, register_family, run_every_layer
-from fastdllm.models.layers import KVCache, RMSNorm, apply_rotary, attention, rotary_cos_sin, swiglu
+from fastdllm.models.base import DiffusionLM, register_family
+from fastdllm.models.layers import KVCache, RMSNorm, self_attention, swiglu
 
 
 @dataclass
@@ -110,15 +110,11 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)  # down
 
     def forward(self, h, cos, sin, *, layer: int, key_mask, kv_cache: Optional[KVCache]) -> torch.Tensor:
-        B, n, _ = h.shape
-        heads, kv_heads, hd = self.config.n_heads, self.config.kv_heads, self.config.head_dim
-        x = self.attn_norm(h)
-        q = self.q_proj(x).view(B, n, heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, n, kv_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, n, kv_heads, hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = attention(q, k, v, layer=layer, key_mask=key_mask, kv_cache=kv_cache)
-        h = h + self.attn_out(a.transpose(1, 2).reshape(B, n, heads * hd))
+        h = h + self_attention(
+            self.attn_norm(h), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
+            heads=self.config.n_heads, kv_heads=self.config.kv_heads, cos=cos, sin=sin,
+            layer=layer, key_mask=key_mask, kv_cache=kv_cache,
+        )
         return h + swiglu(self.ff_norm(h), self.ff_proj, self.up_proj, self.ff_out)
 
 
@@ -144,23 +140,7 @@ class LLaDAModelLM(DiffusionLM):
         self.model = nn.Module()
         self.model.transformer = transformer
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.n_layers
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        key_mask: Optional[torch.Tensor] = None,
-        kv_cache: Optional[KVCache] = None,
-        layer_runner: LayerRunner = run_every_layer,
-    ) -> torch.Tensor:
+    def parts(self):
         t = self.model.transformer
-        h = t["wte"](input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        for i, block in enumerate(t["blocks"]):
-            h = layer_runner(i, h, lambda x, b=block, i=i: b(x, cos, sin, layer=i, key_mask=key_mask, kv_cache=kv_cache))
-        h = t["ln_f"](h)
         head = t["wte"].weight if self.config.weight_tying else t["ff_out"].weight
-        return (h @ head.T).float()
+        return t["wte"], t["blocks"], t["ln_f"], head
