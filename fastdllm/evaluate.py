@@ -47,10 +47,7 @@ def validate(cfg: DictConfig) -> Settings:
     """Check every group against its schema; raise ConfigError naming the key and what is allowed."""
     model_node = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model)
     run_fields = {k: v for k, v in cfg.items() if k not in ("model", "cache", "generation", "reuse", "dataset", "logger")}
-    try:
-        run = RunConfig(**OmegaConf.to_container(OmegaConf.create(run_fields), resolve=True))
-    except ConfigError as err:
-        raise ConfigError(str(err)) from None
+    run = RunConfig(**OmegaConf.to_container(OmegaConf.create(run_fields), resolve=True))
     settings = Settings(
         run=run,
         model=OmegaConf.to_object(model_node),
