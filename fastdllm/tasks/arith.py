@@ -135,6 +135,11 @@ class Arith(Task):
             for index, row in enumerate(read_rows(path))
         ]
 
+    def train_examples(self, seed: int) -> Iterator[Example]:
+        """The endless train split generated from `seed` (see train_problems)."""
+        for index, row in enumerate(train_problems(seed)):
+            yield Example(id=f"arith-train-{seed}-{index}", question=row["question"], reference=row["answer"], gold=gold_answer(row["answer"]))
+
     def fewshot_rows(self) -> list[dict[str, str]]:
         """Worked examples for base models: the first train problems of seed 0 (never test problems)."""
         return list(itertools.islice(train_problems(seed=0), self.config.num_fewshot))

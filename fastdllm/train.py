@@ -1,0 +1,308 @@
+"""Train a tiny LLaDA from scratch on a generated task: `python -m fastdllm.train` (config: conf/train.yaml).
+
+The objective is LLaDA's supervised fine-tuning loss. Each row is a chat-templated prompt followed by
+a response of exactly gen_length tokens: the worked answer, `<|eot_id|>`, then `<|endoftext|>`
+padding (as LLaDA-8B-Instruct, the padding is part of the response and is learned). Per row, t is
+drawn uniformly from (0, 1] and each response token is replaced by the mask token with probability t;
+the loss is the cross-entropy on masked tokens weighted by 1/t, summed and divided by the response
+length and the batch size. The prompt is never masked and carries no loss.
+
+The result is saved in the official LLaDA layout (fastdllm.models.save_checkpoint), so eval.py loads
+it as it loads LLaDA-8B-Instruct. Same config and seed, same run: the problems, the batches, the masks
+and the initial weights all come from the seed.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from fastdllm.models import load_model, save_checkpoint
+from fastdllm.models.tiny import build_tiny_model
+from fastdllm.registry import ConfigError, check
+from fastdllm.tasks import TASKS, Example, Task
+
+# LLaDA's SFT draws the masking rate as (1 - eps) * u + eps, so that 1/t stays bounded.
+MIN_MASK_RATE = 1e-3
+
+
+@dataclass
+class ArchitectureConfig:
+    """Sizes of the LLaDA model trained from scratch (fields of its config.json)."""
+
+    d_model: int = 192
+    n_layers: int = 6
+    n_heads: int = 4
+    mlp_hidden_size: int = 512
+    max_sequence_length: int = 512
+    rope_theta: float = 10000.0
+    # Standard deviation of the initial weights.
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        check(self.d_model % self.n_heads == 0, "architecture.n_heads", self.n_heads, "must divide d_model")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    # Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step.
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    # The task trained on (its train split must be generated: it needs a train_examples(seed) method).
+    dataset: Any = MISSING
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    seed: int = 0
+    steps: int = 5000
+    batch_size: int = 512
+    # Distinct train problems generated up front and cycled through (a fresh mask every time).
+    train_problems: int = 250000
+    # Greedy low-confidence decoding of the test split every this many steps (0: only at the end).
+    eval_every: int = 2000
+    # Where the checkpoint (config.json, model.safetensors, tokenizer) is written.
+    output_dir: str = MISSING
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "train_problems"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "choose one of ['auto', 'cpu', 'cuda']")
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [N, longest] padded on the left, and the mask of real tokens: the answers then all
+    start at the same column and end at the last one, as in the decode loop."""
+    longest = max(len(row) for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    real = torch.zeros((len(rows), longest), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, longest - len(row):] = torch.tensor(row)
+        real[i, longest - len(row):] = True
+    return ids, real
+
+
+def positions_of(real: torch.Tensor) -> torch.Tensor:
+    """Absolute positions, 0 at each row's first real token (left padding does not shift them)."""
+    return (real.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class ResponseEncoder:
+    """Prompt and response token ids of an example, exactly as the model sees them at evaluation."""
+
+    def __init__(self, task: Task, tokenizer, gen_length: int):
+        self.task = task
+        self.tokenizer = tokenizer
+        self.gen_length = gen_length
+        self.end_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        self.pad_id = tokenizer.eos_token_id
+
+    def prompts(self, examples: list[Example]) -> list[list[int]]:
+        texts = [self.task.build_prompt(ex, self.tokenizer, chat=True) for ex in examples]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def responses(self, examples: list[Example]) -> list[list[int]]:
+        answers = self.tokenizer([ex.reference for ex in examples], add_special_tokens=False)["input_ids"]
+        rows = []
+        for ex, answer in zip(examples, answers):
+            response = answer + [self.end_id]
+            if len(response) > self.gen_length:
+                raise ConfigError(
+                    f"dataset.gen_length={self.gen_length} is invalid: example {ex.id} needs {len(response)} tokens"
+                )
+            rows.append(response + [self.pad_id] * (self.gen_length - len(response)))
+        return rows
+
+
+@torch.no_grad()
+def decode(model, prompts: torch.Tensor, real: torch.Tensor, gen_length: int, threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding of the whole answer as one block, for monitoring training (eval.py is the
+    real evaluation). Each step commits the most confident masked position of every row, and with a
+    threshold also every other one above it. Returns the responses and the forward passes per row."""
+    mask_id = model.config.mask_token_id
+    batch = prompts.shape[0]
+    tokens = torch.cat([prompts, torch.full((batch, gen_length), mask_id, device=prompts.device)], dim=1)
+    real = torch.cat([real, torch.ones((batch, gen_length), dtype=torch.bool, device=real.device)], dim=1)
+    positions = positions_of(real)
+    forwards = torch.zeros(batch, dtype=torch.long, device=prompts.device)
+    while True:
+        masked = tokens[:, -gen_length:] == mask_id
+        if not masked.any():
+            return tokens[:, -gen_length:], forwards
+        logits = model(tokens, positions, real)[:, -gen_length:]
+        logits[..., mask_id] = -math.inf  # never "predict" the mask itself
+        confidence, predicted = logits.softmax(-1).max(-1)
+        confidence = confidence.masked_fill(~masked, -1.0)
+        commit = torch.zeros_like(masked)
+        commit.scatter_(1, confidence.argmax(-1, keepdim=True), True)
+        if threshold is not None:
+            commit |= confidence > threshold
+        commit &= masked
+        tokens[:, -gen_length:] = torch.where(commit, predicted, tokens[:, -gen_length:])
+        forwards += masked.any(-1)
+
+
+def evaluate(model, task: Task, encoder: ResponseEncoder, device: torch.device, threshold: Optional[float] = None) -> dict[str, float]:
+    examples = task.load()
+    prompts, real = left_pad(encoder.prompts(examples), encoder.pad_id)
+    was_training = model.training
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        responses, forwards = decode(model, prompts.to(device), real.to(device), encoder.gen_length, threshold)
+    model.train(was_training)
+    completions = encoder.tokenizer.batch_decode(responses.cpu(), skip_special_tokens=True)
+    correct = [task.is_correct(task.extract_answer(c), ex.gold) for c, ex in zip(completions, examples)]
+    return {"accuracy": 100.0 * sum(correct) / len(correct), "nfe": forwards.float().mean().item()}
+
+
+def masked_diffusion_loss(model, ids: torch.Tensor, gen_length: int, generator: torch.Generator) -> torch.Tensor:
+    """LLaDA's SFT loss on the last gen_length tokens (the responses) of unpadded rows of equal length."""
+    batch, length = ids.shape
+    responses = ids[:, -gen_length:]
+    rate = (1 - MIN_MASK_RATE) * torch.rand(batch, 1, device=ids.device, generator=generator) + MIN_MASK_RATE
+    masked = torch.rand(batch, gen_length, device=ids.device, generator=generator) < rate
+    noisy = ids.clone()
+    noisy[:, -gen_length:] = responses.masked_fill(masked, model.config.mask_token_id)
+    positions = torch.arange(length, device=ids.device).expand(batch, length)
+    logits = model(noisy, positions)[:, -gen_length:]
+    token_loss = F.cross_entropy(logits[masked], responses[masked], reduction="none") / rate.expand_as(masked)[masked]
+    return token_loss.sum() / (batch * gen_length)
+
+
+class LengthBuckets:
+    """Train rows grouped by length, so a batch needs no padding (and attention no mask, which lets
+    it run the fused kernels). A batch is drawn from the bucket of a uniformly drawn row, so every
+    row is equally likely to be trained on."""
+
+    def __init__(self, rows: list[list[int]], device: torch.device):
+        lengths = torch.tensor([len(row) for row in rows])
+        sorted_lengths, order = lengths.sort(stable=True)
+        sizes = torch.bincount(lengths)
+        first = sizes.cumsum(0) - sizes  # where the rows of each length start in the sorted order
+        self.order = order.to(device)
+        # For the row at each place of the sorted order: where its bucket starts, and its size.
+        self.bucket_start = first[sorted_lengths].to(device)
+        self.bucket_size = sizes[sorted_lengths].to(device)
+        self.lengths = lengths.to(device)
+        self.data = left_pad(rows, pad_id=0)[0].to(device)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        device = self.order.device
+        anchor = torch.randint(len(self), (1,), device=device, generator=generator)
+        offsets = (torch.rand(batch_size, device=device, generator=generator) * self.bucket_size[anchor]).long()
+        index = self.order[self.bucket_start[anchor] + offsets]
+        length = int(self.lengths[index[0]])
+        return self.data[index, self.data.shape[1] - length:]
+
+
+def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
+    task = TASKS.build(cfg.dataset)
+    if not hasattr(task, "train_examples"):
+        raise ConfigError(f"dataset.name={task.config.name!r} is invalid: training needs a task with a generated train split")
+    gen_length = task.config.gen_length
+    torch.manual_seed(cfg.seed)
+    arch = cfg.architecture
+    model, tokenizer = build_tiny_model(
+        "llada", seed=cfg.seed, std=arch.init_std, d_model=arch.d_model, n_layers=arch.n_layers, n_heads=arch.n_heads,
+        mlp_hidden_size=arch.mlp_hidden_size, max_sequence_length=arch.max_sequence_length, rope_theta=arch.rope_theta,
+    )
+    model.to(device).train()
+    parameters = sum(p.numel() for p in model.parameters())
+    encoder = ResponseEncoder(task, tokenizer, gen_length)
+
+    started = time.perf_counter()
+    examples = list(itertools.islice(task.train_examples(cfg.seed), cfg.train_problems))
+    prompts = encoder.prompts(examples)
+    buckets = LengthBuckets([p + r for p, r in zip(prompts, encoder.responses(examples))], device)
+    print(f"{parameters / 1e6:.2f}M parameters on {device}; {len(buckets)} train problems encoded in "
+          f"{time.perf_counter() - started:.1f}s", flush=True)
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optim = cfg.optimizer
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr, betas=(optim.beta1, optim.beta2), fused=device.type == "cuda",
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, cfg.steps))
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+
+    started = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        ids = buckets.sample(cfg.batch_size, generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = masked_diffusion_loss(model, ids, gen_length, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == cfg.steps:
+            print(f"step {step} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} "
+                  f"{time.perf_counter() - started:.1f}s", flush=True)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            print(f"step {step} test {evaluate(model, task, encoder, device)}", flush=True)
+            # Kept up to date so that a run stopped early still leaves a usable checkpoint.
+            save_checkpoint(model, cfg.output_dir, tokenizer)
+    train_seconds = time.perf_counter() - started
+
+    output_dir = save_checkpoint(model, cfg.output_dir, tokenizer)
+    # Score the checkpoint as saved, read back through the same loader eval.py uses.
+    saved = load_model(output_dir, torch.float32, device)
+    results = {
+        "parameters": parameters,
+        "train_seconds": round(train_seconds),
+        "vanilla": evaluate(saved, task, encoder, device),
+        "threshold_0.9": evaluate(saved, task, encoder, device, threshold=0.9),
+    }
+    print(f"saved {output_dir}: {results}", flush=True)
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    # The dataset group is validated by its own schema (the task's config class).
+    dataset = TASKS.to_config(cfg.dataset)
+    config: TrainConfig = OmegaConf.to_object(cfg)
+    config.dataset = dataset
+    train(config)
+
+
+if __name__ == "__main__":
+    main()
