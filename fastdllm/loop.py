@@ -32,7 +32,9 @@ class ModelCall:
                  cfg_scale: float, reuse: ReuseStrategy):
         self.model = model
         self.tokens = tokens
-        self.key_mask = key_mask
+        # None when nothing is padded: attention then needs no mask (decided once per batch, since
+        # reading a GPU tensor's value in every layer would stall the device).
+        self.key_mask = None if bool(key_mask.all()) else key_mask
         self.prompt_mask = prompt_mask
         # Absolute positions, 0 at each sample's first prompt token (left padding does not shift them).
         self.position_ids = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -56,14 +58,15 @@ class ModelCall:
             # The unconditional copy sees the prompt as mask tokens; both run as one batch.
             unconditional = self.tokens.masked_fill(self.prompt_mask, self.model.config.mask_token_id)
             ids = torch.cat([ids, unconditional[:, start:end]])
-            positions, key_mask = positions.repeat(2, 1), key_mask.repeat(2, 1)
+            positions = positions.repeat(2, 1)
+            key_mask = None if key_mask is None else key_mask.repeat(2, 1)
         logits = self.model(ids, positions, key_mask, kv_cache=kv_cache, layer_runner=self.reuse.run_layer)
         logits = logits[..., : self.model.config.vocab_size]
-        # The mask token is never a prediction: committing it would leave a position masked but counted as decoded.
-        logits[..., self.model.config.mask_token_id] = -torch.inf
         if self.cfg_scale > 0:
             conditional, unconditional = logits.chunk(2)
             logits = unconditional + (self.cfg_scale + 1) * (conditional - unconditional)
+        # The mask token is never a prediction: committing it would leave a position masked but counted as decoded.
+        logits[..., self.model.config.mask_token_id] = -torch.inf
         self.forwards += 1
         self.positions += end - start
         return logits[:, first - start : last - start]

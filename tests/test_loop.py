@@ -100,3 +100,11 @@ def test_early_stop_fills_eos_without_forward_passes(tiny_llada):
         assert early.nfe[i] == 8 * decoded_blocks
         stopped_any |= decoded_blocks < 8
     assert stopped_any, "the fixture model should emit an end token early for some prompt"
+
+
+def test_classifier_free_guidance_decodes_real_tokens(tiny_llada):
+    model, tok = tiny_llada
+    plain = run_generate(model, tok, PROMPTS, gen_length=16, block_length=8)
+    guided = run_generate(model, tok, PROMPTS, gen_length=16, block_length=8, cfg_scale=2.0)
+    assert not (guided.responses == model.config.mask_token_id).any()
+    assert not torch.equal(plain.responses, guided.responses), "guidance should change some prediction"
