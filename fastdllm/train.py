@@ -26,9 +26,13 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fastdllm.cache import CACHES
+from fastdllm.generation import GENERATIONS
+from fastdllm.loop import generate, stop_token_ids
 from fastdllm.models import load_model, save_checkpoint
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.registry import ConfigError, check
+from fastdllm.reuse import REUSES
 from fastdllm.tasks import TASKS, Example, Task
 
 # LLaDA's SFT draws the masking rate as (1 - eps) * u + eps, so that 1/t stays bounded.
@@ -79,7 +83,7 @@ class TrainConfig:
     batch_size: int = 512
     # Distinct train problems generated up front and cycled through (a fresh mask every time).
     train_problems: int = 250000
-    # Greedy low-confidence decoding of the test split every this many steps (0: only at the end).
+    # Decode the test split as eval.py does by default every this many steps (0: only at the end).
     eval_every: int = 2000
     # Where the checkpoint (config.json, model.safetensors, tokenizer) is written.
     output_dir: str = MISSING
@@ -93,23 +97,6 @@ class TrainConfig:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [N, longest] padded on the left, and the mask of real tokens: the answers then all
-    start at the same column and end at the last one, as in the decode loop."""
-    longest = max(len(row) for row in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    real = torch.zeros((len(rows), longest), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, longest - len(row):] = torch.tensor(row)
-        real[i, longest - len(row):] = True
-    return ids, real
-
-
-def positions_of(real: torch.Tensor) -> torch.Tensor:
-    """Absolute positions, 0 at each row's first real token (left padding does not shift them)."""
-    return (real.long().cumsum(-1) - 1).clamp_min(0)
 
 
 class ResponseEncoder:
@@ -139,45 +126,25 @@ class ResponseEncoder:
         return rows
 
 
-@torch.no_grad()
-def decode(model, prompts: torch.Tensor, real: torch.Tensor, gen_length: int, threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding of the whole answer as one block, for monitoring training (eval.py is the
-    real evaluation). Each step commits the most confident masked position of every row, and with a
-    threshold also every other one above it. Returns the responses and the forward passes per row."""
-    mask_id = model.config.mask_token_id
-    batch = prompts.shape[0]
-    tokens = torch.cat([prompts, torch.full((batch, gen_length), mask_id, device=prompts.device)], dim=1)
-    real = torch.cat([real, torch.ones((batch, gen_length), dtype=torch.bool, device=real.device)], dim=1)
-    positions = positions_of(real)
-    forwards = torch.zeros(batch, dtype=torch.long, device=prompts.device)
-    while True:
-        masked = tokens[:, -gen_length:] == mask_id
-        if not masked.any():
-            return tokens[:, -gen_length:], forwards
-        logits = model(tokens, positions, real)[:, -gen_length:]
-        logits[..., mask_id] = -math.inf  # never "predict" the mask itself
-        confidence, predicted = logits.softmax(-1).max(-1)
-        confidence = confidence.masked_fill(~masked, -1.0)
-        commit = torch.zeros_like(masked)
-        commit.scatter_(1, confidence.argmax(-1, keepdim=True), True)
-        if threshold is not None:
-            commit |= confidence > threshold
-        commit &= masked
-        tokens[:, -gen_length:] = torch.where(commit, predicted, tokens[:, -gen_length:])
-        forwards += masked.any(-1)
-
-
-def evaluate(model, task: Task, encoder: ResponseEncoder, device: torch.device, threshold: Optional[float] = None) -> dict[str, float]:
+def evaluate(model, task: Task, encoder: ResponseEncoder, threshold: Optional[float] = None) -> dict[str, float]:
+    """Test accuracy and mean forward passes under eval.py's default decoding (generation=vanilla,
+    cache=none), the whole test split as one batch: a progress check, not a measurement of speed."""
     examples = task.load()
-    prompts, real = left_pad(encoder.prompts(examples), encoder.pad_id)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        responses, forwards = decode(model, prompts.to(device), real.to(device), encoder.gen_length, threshold)
+        out = generate(
+            model, encoder.prompts(examples), gen_length=encoder.gen_length,
+            generation=GENERATIONS.build({"name": "vanilla", "threshold": threshold}),
+            cache=CACHES.build({"name": "none"}), reuse=REUSES.build({"name": "none"}),
+            # Greedy decoding draws no random numbers; the loop still takes one generator per row.
+            generators=[torch.Generator() for _ in examples], stop_ids=stop_token_ids(model, encoder.tokenizer),
+        )
     model.train(was_training)
-    completions = encoder.tokenizer.batch_decode(responses.cpu(), skip_special_tokens=True)
+    completions = encoder.tokenizer.batch_decode(out.responses, skip_special_tokens=True)
     correct = [task.is_correct(task.extract_answer(c), ex.gold) for c, ex in zip(completions, examples)]
-    return {"accuracy": 100.0 * sum(correct) / len(correct), "nfe": forwards.float().mean().item()}
+    return {"accuracy": 100.0 * sum(correct) / len(correct), "nfe": sum(out.nfe) / len(out.nfe)}
 
 
 def masked_diffusion_loss(model, ids: torch.Tensor, gen_length: int, generator: torch.Generator) -> torch.Tensor:
@@ -209,7 +176,11 @@ class LengthBuckets:
         self.bucket_start = first[sorted_lengths].to(device)
         self.bucket_size = sizes[sorted_lengths].to(device)
         self.lengths = lengths.to(device)
-        self.data = left_pad(rows, pad_id=0)[0].to(device)
+        # Rows aligned right: the rows of a bucket of length n are the last n columns.
+        data = torch.zeros((len(rows), int(lengths.max())), dtype=torch.long)
+        for i, row in enumerate(rows):
+            data[i, data.shape[1] - len(row):] = torch.tensor(row)
+        self.data = data.to(device)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -277,7 +248,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             print(f"step {step} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} "
                   f"{time.perf_counter() - started:.1f}s", flush=True)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            print(f"step {step} test {evaluate(model, task, encoder, device)}", flush=True)
+            print(f"step {step} test {evaluate(model, task, encoder)}", flush=True)
             # Kept up to date so that a run stopped early still leaves a usable checkpoint.
             save_checkpoint(model, cfg.output_dir, tokenizer)
     train_seconds = time.perf_counter() - started
@@ -288,8 +259,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     results = {
         "parameters": parameters,
         "train_seconds": round(train_seconds),
-        "vanilla": evaluate(saved, task, encoder, device),
-        "threshold_0.9": evaluate(saved, task, encoder, device, threshold=0.9),
+        "vanilla": evaluate(saved, task, encoder),
+        "threshold_0.9": evaluate(saved, task, encoder, threshold=0.9),
     }
     print(f"saved {output_dir}: {results}", flush=True)
     return results
