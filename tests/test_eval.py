@@ -29,6 +29,7 @@ def overrides(model_dir, out, *extra):
         f"model.path={model_dir}",
         "dataset=gsm8k",
         f"dataset.path={GSM8K_PATH}",
+        "generation=vanilla",
         "generation.gen_length=32",
         "generation.block_length=16",
         f"output_dir={out}",
@@ -57,7 +58,7 @@ def by_id(out_dir):
 
 def test_run_writes_outputs_and_threshold_needs_fewer_passes(tiny_llada_dir, tmp_path):
     vanilla = evaluate(tiny_llada_dir, tmp_path / "vanilla", "limit=4")
-    parallel = evaluate(tiny_llada_dir, tmp_path / "parallel", "limit=4", "generation.threshold=0.9")
+    parallel = evaluate(tiny_llada_dir, tmp_path / "parallel", "limit=4", "generation=parallel")
     for name in ("config.yaml", "samples.jsonl", "results.json"):
         assert (tmp_path / "vanilla" / name).is_file()
     saved = json.loads((tmp_path / "vanilla" / "results.json").read_text())
