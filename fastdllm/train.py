@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ class TrainConfig:
     # Where the checkpoint (config.json, model.safetensors, tokenizer) is written.
     output_dir: str = MISSING
     device: str = "auto"
+    # Deterministic GPU kernels: the same command on the same kind of GPU gives bitwise the same weights
+    # (otherwise atomic adds in the backward pass make runs differ by rounding, then by a point or two).
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "train_problems"):
@@ -202,6 +206,10 @@ def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
     task = TASKS.build(cfg.dataset)
     if not hasattr(task, "train_examples"):
