@@ -111,7 +111,7 @@ def test_base_model_prompts_take_fewshot_examples_from_the_train_split(examples)
     prompt = task.build_prompt(examples[0], build_char_tokenizer("llada"), chat=False)
     assert prompt.count("Question: ") == 3 and prompt.endswith(f"Question: {examples[0].question}\nAnswer:\n")
     test_questions = {ex.question for ex in examples}
-    assert not any(row["question"] in test_questions for row in task.fewshot_rows())
+    assert not any(row["question"] in test_questions for row in task.fewshot_rows)
 
 
 def test_training_config_composes_with_the_arith_dataset():

@@ -16,6 +16,7 @@ Answers are extracted and scored exactly as GSM8K's.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -140,8 +141,10 @@ class Arith(Task):
         for index, row in enumerate(train_problems(seed)):
             yield Example(id=f"arith-train-{seed}-{index}", question=row["question"], reference=row["answer"], gold=gold_answer(row["answer"]))
 
+    @functools.cached_property
     def fewshot_rows(self) -> list[dict[str, str]]:
-        """Worked examples for base models: the first train problems of seed 0 (never test problems)."""
+        """Worked examples for base models: the first train problems of seed 0 (never test problems);
+        generated once per task, not once per prompt."""
         return list(itertools.islice(train_problems(seed=0), self.config.num_fewshot))
 
     def build_prompt(self, example: Example, tokenizer, chat: bool) -> str:
@@ -150,5 +153,5 @@ class Arith(Task):
             return tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
-        shots = "".join(f"Question: {row['question']}\nAnswer:\n{row['answer']}\n\n" for row in self.fewshot_rows())
+        shots = "".join(f"Question: {row['question']}\nAnswer:\n{row['answer']}\n\n" for row in self.fewshot_rows)
         return f"{_INSTRUCTION}\n\n{shots}Question: {example.question}\nAnswer:\n"
