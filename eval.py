@@ -5,6 +5,7 @@
 """
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -20,9 +21,12 @@ import fastdllm.tasks  # noqa: F401
 from fastdllm.evaluate import run
 from fastdllm.registry import ConfigError
 
-# Only the main process keeps Hydra's run directory; the others write nothing of their own.
+# Only the main process keeps Hydra's run directory (its path reaches the others by broadcast); the
+# others write nothing of their own, and point Hydra at the temp directory so that a clock a second
+# apart cannot leave an empty run directory behind.
 if int(os.environ.get("RANK", "0")) > 0:
-    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
+                 f"hydra.run.dir={tempfile.gettempdir()}"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
