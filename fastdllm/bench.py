@@ -31,7 +31,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from fastdllm.cache import CACHES
 from fastdllm.config import DEVICES, DTYPES, ModelConfig
 from fastdllm.generation import GENERATIONS
-from fastdllm.loop import BatchOutput, answer_length, generate, stop_token_ids
+from fastdllm.evaluate import decode_answer, encode_prompts
+from fastdllm.loop import BatchOutput, generate, stop_token_ids
 from fastdllm.models import load_model, load_tokenizer, resolve_checkpoint
 from fastdllm.models.base import MODEL_FAMILIES, DiffusionLM
 from fastdllm.registry import ConfigError, check
@@ -114,11 +115,11 @@ def dataset_workload(cfg: BenchConfig, model_cfg: ModelConfig, dataset: Any, gen
     model = load_model(checkpoint, dtype, device)
     tokenizer = load_tokenizer(checkpoint)
     chat = dataset.chat if dataset.chat is not None else model_cfg.instruct
-    prompts = [tokenizer(task.build_prompt(e, tokenizer, chat), add_special_tokens=not chat)["input_ids"] for e in examples]
+    _, prompts = encode_prompts(task, examples, tokenizer, chat)
     stop_ids = stop_token_ids(model, tokenizer)
 
     def score(response: list[int], index: int) -> bool:
-        text = tokenizer.decode(response[: answer_length(response, stop_ids)], skip_special_tokens=True)
+        text, _ = decode_answer(tokenizer, response, stop_ids)
         return task.is_correct(task.extract_answer(text), examples[index].gold)
 
     return Workload(model, prompts, gen_length, stop_ids, f"{model_cfg.name} on {dataset.name}", score)

@@ -21,7 +21,7 @@ from fastdllm.loop import answer_length, generate, stop_token_ids
 from fastdllm.models import load_model, load_tokenizer, resolve_checkpoint
 from fastdllm.registry import ConfigError
 from fastdllm.reuse import REUSES
-from fastdllm.tasks import TASKS, Example
+from fastdllm.tasks import TASKS, Example, Task
 
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
@@ -68,6 +68,18 @@ def gen_length_of(settings: Settings) -> int:
 def sample_seed(seed: int, example_id: str) -> int:
     """Per-sample seed: the same sample draws the same noise in any batch and on any process."""
     return zlib.crc32(f"{seed}:{example_id}".encode())
+
+
+def encode_prompts(task: Task, examples: list[Example], tokenizer, chat: bool) -> tuple[list[str], list[list[int]]]:
+    """Prompt texts and their token ids; a chat template already holds its special tokens."""
+    texts = [task.build_prompt(e, tokenizer, chat) for e in examples]
+    return texts, [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts]
+
+
+def decode_answer(tokenizer, response: list[int], stop_ids: list[int]) -> tuple[str, int]:
+    """The completion text up to the first stop token, and its length in tokens."""
+    tokens = answer_length(response, stop_ids)
+    return tokenizer.decode(response[:tokens], skip_special_tokens=True), tokens
 
 
 # ---------------------------------------------------------------- run directory
@@ -244,15 +256,12 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[dict[str, A
         batch = shard[b * run_cfg.batch_size : (b + 1) * run_cfg.batch_size]
         records = []
         if batch:
-            prompts_text = [task.build_prompt(e, tokenizer, chat) for e in batch]
-            prompts = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in prompts_text]
+            prompts_text, prompts = encode_prompts(task, batch, tokenizer, chat)
             generators = [torch.Generator(device).manual_seed(sample_seed(run_cfg.seed, e.id)) for e in batch]
             out = generate(model, prompts, gen_length=gen_length, generation=generation, cache=cache, reuse=reuse,
                            generators=generators, stop_ids=stop_ids)
             for i, example in enumerate(batch):
-                response = out.responses[i].tolist()
-                tokens = answer_length(response, stop_ids)
-                text = tokenizer.decode(response[:tokens], skip_special_tokens=True)
+                text, tokens = decode_answer(tokenizer, out.responses[i].tolist(), stop_ids)
                 predicted = task.extract_answer(text)
                 records.append({
                     "id": example.id,

@@ -28,6 +28,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fastdllm.cache import CACHES
+from fastdllm.evaluate import decode_answer, encode_prompts
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import generate, stop_token_ids
 from fastdllm.models import load_model, save_checkpoint
@@ -114,8 +115,7 @@ class ResponseEncoder:
         self.pad_id = tokenizer.eos_token_id
 
     def prompts(self, examples: list[Example]) -> list[list[int]]:
-        texts = [self.task.build_prompt(ex, self.tokenizer, chat=True) for ex in examples]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return encode_prompts(self.task, examples, self.tokenizer, chat=True)[1]
 
     def responses(self, examples: list[Example]) -> list[list[int]]:
         answers = self.tokenizer([ex.reference for ex in examples], add_special_tokens=False)["input_ids"]
@@ -131,22 +131,23 @@ class ResponseEncoder:
 
 
 def evaluate(model, task: Task, encoder: ResponseEncoder, threshold: Optional[float] = None) -> dict[str, float]:
-    """Test accuracy and mean forward passes under eval.py's default decoding (generation=vanilla,
+    """Test accuracy and mean forward passes under the baseline decoding (generation=vanilla,
     cache=none), the whole test split as one batch: a progress check, not a measurement of speed."""
     examples = task.load()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    stop_ids = stop_token_ids(model, encoder.tokenizer)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = generate(
             model, encoder.prompts(examples), gen_length=encoder.gen_length,
             generation=GENERATIONS.build({"name": "vanilla", "threshold": threshold}),
             cache=CACHES.build({"name": "none"}), reuse=REUSES.build({"name": "none"}),
             # Greedy decoding draws no random numbers; the loop still takes one generator per row.
-            generators=[torch.Generator() for _ in examples], stop_ids=stop_token_ids(model, encoder.tokenizer),
+            generators=[torch.Generator() for _ in examples], stop_ids=stop_ids,
         )
     model.train(was_training)
-    completions = encoder.tokenizer.batch_decode(out.responses, skip_special_tokens=True)
+    completions = [decode_answer(encoder.tokenizer, r.tolist(), stop_ids)[0] for r in out.responses]
     correct = [task.is_correct(task.extract_answer(c), ex.gold) for c, ex in zip(completions, examples)]
     return {"accuracy": 100.0 * sum(correct) / len(correct), "nfe": sum(out.nfe) / len(out.nfe)}
 
