@@ -19,6 +19,7 @@ import fastdllm.loggers  # noqa: F401
 import fastdllm.reuse  # noqa: F401
 import fastdllm.tasks  # noqa: F401
 from fastdllm.evaluate import run
+from fastdllm.models import CheckpointError
 from fastdllm.registry import ConfigError
 
 # Only the main process keeps Hydra's run directory (its path reaches the others by broadcast); the
@@ -33,7 +34,7 @@ if int(os.environ.get("RANK", "0")) > 0:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         sys.exit(f"configuration error: {err}")
 
 
