@@ -63,5 +63,5 @@ class RunConfig:
         check(self.device in DEVICES, "device", self.device, f"choose one of {list(DEVICES)}")
 
 
-ConfigStore.instance().store(group="model", name="model_schema", node=ModelConfig)
+ConfigStore.instance().store(group="schema", name="model", node=ModelConfig)
 ConfigStore.instance().store(name="run_schema", node=RunConfig)

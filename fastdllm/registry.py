@@ -5,8 +5,10 @@ A strategy registers itself with a decorator in its own module:
     @CACHES.register("prefix", PrefixCacheConfig)
     class PrefixCache(CacheStrategy): ...
 
-which also stores the schema in Hydra's ConfigStore as `<group>/<name>_schema`, so the
-yaml file `conf/<group>/<name>.yaml` can name it in its defaults list and be validated.
+which also stores the schema in Hydra's ConfigStore as `schema/<group>/<name>`, so the yaml file
+`conf/<group>/<name>.yaml` names it first in its defaults list (`/schema/<group>/<name>@_here_`)
+and is validated by it. Schemas live outside the group itself so that Hydra's list of a group's
+options shows only the options.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class Registry:
             if name in self._entries:
                 raise ValueError(f"{self.group} option {name!r} is registered twice")
             self._entries[name] = (config_cls, impl_cls)
-            ConfigStore.instance().store(group=self.group, name=f"{name}_schema", node=config_cls)
+            ConfigStore.instance().store(group=f"schema/{self.group}", name=name, node=config_cls)
             return impl_cls
 
         return decorator
