@@ -6,6 +6,7 @@ writing the official checkpoint layout lives in loading.py and works for every f
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch
@@ -47,6 +48,17 @@ class FamilyConfig(Protocol):
     def from_json(cls, fields: dict[str, Any]) -> "FamilyConfig": ...
 
     def to_json(self) -> dict[str, Any]: ...
+
+
+def fields_from_json(config_cls: type, raw: dict[str, Any], required: dict[str, Any], family: str) -> dict[str, Any]:
+    """The config.json fields `config_cls` knows. A setting of the original code base that this
+    implementation does not cover (a key of `required` with another value) fails loudly instead of
+    loading into the wrong architecture."""
+    for key, value in required.items():
+        if raw.get(key) is not None and raw[key] != value:
+            raise ValueError(f"{family} config.json has {key}={raw[key]!r}; only {value!r} is supported")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return {k: v for k, v in raw.items() if k in known and v is not None}
 
 
 class DiffusionLM(nn.Module):

@@ -10,13 +10,13 @@ position i - 1 predict token i (`logit_shift = 1`); the decode loop applies the 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from fastdllm.models.base import DiffusionLM, register_family
+from fastdllm.models.base import DiffusionLM, fields_from_json, register_family
 from fastdllm.models.layers import KVCache, RMSNorm, self_attention, swiglu
 
 
@@ -79,16 +79,12 @@ class DreamConfig:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "DreamConfig":
-        for key, required in cls._REQUIRED.items():
-            if raw.get(key, required) != required:
-                raise ValueError(f"Dream config.json has {key}={raw[key]!r}; only {required!r} is supported")
         head_dim = raw.get("head_dim")
         if head_dim is not None and head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
             raise ValueError(
                 f"Dream config.json has head_dim={head_dim}; only hidden_size / num_attention_heads is supported"
             )
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+        return cls(**fields_from_json(cls, raw, cls._REQUIRED, "Dream"))
 
     def to_json(self) -> dict[str, Any]:
         return {"model_type": "Dream", "architectures": ["DreamModel"], **asdict(self), **self._REQUIRED}

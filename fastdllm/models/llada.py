@@ -6,13 +6,13 @@ names are those of the released checkpoint (`model.transformer.blocks.<i>.q_proj
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from fastdllm.models.base import DiffusionLM, register_family
+from fastdllm.models.base import DiffusionLM, fields_from_json, register_family
 from fastdllm.models.layers import KVCache, RMSNorm, self_attention, swiglu
 
 
@@ -73,13 +73,9 @@ class LLaDAConfig:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "LLaDAConfig":
-        for key, required in cls._REQUIRED.items():
-            if key in raw and raw[key] is not None and raw[key] != required:
-                raise ValueError(f"LLaDA config.json has {key}={raw[key]!r}; only {required!r} is supported")
         if raw.get("include_qkv_bias"):
             raise ValueError("LLaDA config.json has include_qkv_bias=true; only bias-free projections are supported")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+        return cls(**fields_from_json(cls, raw, cls._REQUIRED, "LLaDA"))
 
     def to_json(self) -> dict[str, Any]:
         out = {"model_type": "llada", "architectures": ["LLaDAModelLM"], **asdict(self)}
