@@ -60,7 +60,8 @@ class ModelCall:
             ids = torch.cat([ids, unconditional[:, start:end]])
             positions = positions.repeat(2, 1)
             key_mask = None if key_mask is None else key_mask.repeat(2, 1)
-        logits = self.model(ids, positions, key_mask, kv_cache=kv_cache, layer_runner=self.reuse.run_layer)
+        logits = self.model(ids, positions, key_mask, kv_cache=kv_cache, layer_runner=self.reuse.run_layer,
+                            logits_for=slice(first - start, last - start))
         logits = logits[..., : self.model.config.vocab_size]
         if self.cfg_scale > 0:
             conditional, unconditional = logits.chunk(2)
@@ -69,7 +70,7 @@ class ModelCall:
         logits[..., self.model.config.mask_token_id] = -torch.inf
         self.forwards += 1
         self.positions += end - start
-        return logits[:, first - start : last - start]
+        return logits
 
 
 @dataclass

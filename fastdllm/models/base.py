@@ -101,12 +101,15 @@ class DiffusionLM(nn.Module):
         key_mask: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         layer_runner: LayerRunner = run_every_layer,
+        logits_for: slice = slice(None),
     ) -> torch.Tensor:
         """input_ids, position_ids: [B, n] for the computed span; key_mask: [B, L] over the whole
-        sequence (True = real token); returns float logits [B, n, vocab]."""
+        sequence (True = real token). Returns float logits [B, m, vocab] for the span's positions
+        `logits_for` (all n by default): the output head is the widest matrix, so it runs only where
+        logits are used."""
         embedding, layers, final_norm, output_weight = self.parts()
         h = embedding(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         for i, layer in enumerate(layers):
             h = layer_runner(i, h, lambda x, layer=layer, i=i: layer(x, cos, sin, layer=i, key_mask=key_mask, kv_cache=kv_cache))
-        return (final_norm(h) @ output_weight.T).float()
+        return (final_norm(h[:, logits_for]) @ output_weight.T).float()
