@@ -29,7 +29,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fastdllm.cache import CACHES
-from fastdllm.config import DEVICES, DTYPES, ModelConfig
+from fastdllm.config import DEVICES, DTYPES, ModelConfig, resolve_device
 from fastdllm.generation import GENERATIONS
 from fastdllm.evaluate import decode_answer, encode_prompts
 from fastdllm.loop import BatchOutput, generate, stop_token_ids
@@ -151,12 +151,11 @@ def cache_label(cache: Any) -> str:
 
 
 def run(cfg: BenchConfig, model_cfg: ModelConfig) -> list[dict[str, Any]]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     generation = GENERATIONS.build(cfg.generation)
     dataset = TASKS.to_config(cfg.dataset)
-    gen_length = generation.config.gen_length or dataset.gen_length
+    gen_length = generation.config.response_length(dataset.gen_length)
     generation.config.check_lengths(gen_length)
     caches = [(cache_label(c), CACHES.build(c)) for c in cfg.caches]
     reuse = REUSES.build(cfg.reuse)

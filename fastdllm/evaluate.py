@@ -62,7 +62,7 @@ def validate(cfg: DictConfig) -> Settings:
 
 
 def gen_length_of(settings: Settings) -> int:
-    return settings.generation.gen_length or settings.dataset.gen_length
+    return settings.generation.response_length(settings.dataset.gen_length)
 
 
 def sample_seed(seed: int, example_id: str) -> int:

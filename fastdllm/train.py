@@ -28,6 +28,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fastdllm.cache import CACHES
+from fastdllm.config import DEVICES, resolve_device
 from fastdllm.evaluate import decode_answer, encode_prompts
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import generate, stop_token_ids
@@ -98,7 +99,7 @@ class TrainConfig:
         for key in ("steps", "batch_size", "train_problems"):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
-        check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "choose one of ['auto', 'cpu', 'cuda']")
+        check(self.device in DEVICES, "device", self.device, f"choose one of {list(DEVICES)}")
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -211,7 +212,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
+    device = resolve_device(cfg.device)
     task = TASKS.build(cfg.dataset)
     if not hasattr(task, "train_examples"):
         raise ConfigError(f"dataset.name={task.config.name!r} is invalid: training needs a task with a generated train split")

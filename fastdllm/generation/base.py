@@ -41,6 +41,10 @@ class GenerationConfig:
         if self.gen_length is not None:
             self.check_lengths(self.gen_length)
 
+    def response_length(self, task_gen_length: int) -> int:
+        """gen_length, or the task's when it is null."""
+        return self.gen_length or task_gen_length
+
     def check_lengths(self, gen_length: int) -> tuple[int, int]:
         """(number of blocks, steps per block) for a response of gen_length tokens."""
         check(

@@ -90,10 +90,6 @@ class DiffusionLM(nn.Module):
         layer(h, cos, sin, layer=i, key_mask=..., kv_cache=...)), final norm, output matrix [vocab, d]."""
         raise NotImplementedError
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.parts()[1])
-
     def forward(
         self,
         input_ids: torch.Tensor,
