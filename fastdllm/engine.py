@@ -7,6 +7,7 @@ launching ~1,500 small kernels rather than by reading the weights:
   into one fused matrix, so parameter names, checkpoints and the eager path are unchanged);
 - keys/values live in preallocated full-sequence buffers, one set per (rows, length), written in place
   at the computed positions given as a tensor (not a Python slice), so one graph serves every block;
+  block-causal families (Fast-dLLM v2) fill them block by block, their mask a graph input like the rest;
 - grouped-query attention reads the shared key/value heads directly (SDPA `enable_gqa`);
 - RMSNorm with its residual add, rotary embedding and the SiLU gate are compiled (torch.compile) into
   one kernel each;
@@ -67,10 +68,15 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
 
 
 def rotate_qkv_into(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-                    keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                    keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
+                    fresh: Optional[torch.Tensor] = None) -> torch.Tensor:
     """rotate_qkv, writing k and v into the full-sequence buffers at positions `index` in the same
-    kernel; returns q."""
+    kernel; returns q. fresh [B, n]: write only those positions of each row, keep the others."""
     q, k, v = rotate_qkv(qkv, cos, sin, heads, kv_heads)
+    if fresh is not None:
+        keep = ~fresh[:, None, :, None]
+        k = torch.where(keep, keys.index_select(2, index), k)
+        v = torch.where(keep, values.index_select(2, index), v)
     keys.index_copy_(2, index, k)
     values.index_copy_(2, index, v)
     return q
@@ -189,20 +195,22 @@ class CompiledEngine:
         """DiffusionLM.forward's contract (without layer_runner); kv_cache is None or a SequenceKV."""
         rows, n = input_ids.shape
         first, last, _ = logits_for.indices(n)
-        buffers, write = None, None
+        buffers, write, fresh = None, None, None
         if kv_cache is not None:
             buffers = self._buffers(rows, kv_cache)
             start = kv_cache.span[0]
             write = torch.arange(start, start + n, device=self.device)
+            fresh = kv_cache.fresh
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "key_mask": key_mask, "write": write,
-                  "logits_index": torch.arange(first, last, device=self.device)}
+                  "fresh": fresh, "logits_index": torch.arange(first, last, device=self.device)}
 
         def run(**static):
             return self._forward(buffers, **static)
 
         if not self.graphs:
             return run(**inputs)
-        key = (rows, n, last - first, key_mask is None, None if buffers is None else id(buffers))
+        key = (rows, n, last - first, None if key_mask is None else tuple(key_mask.shape), fresh is None,
+               None if buffers is None else id(buffers))
         if key not in self.captured:
             if len(self.captured) >= MAX_GRAPHS:  # shapes that never repeat (cache=none over varied lengths)
                 self.captured.clear()
@@ -221,7 +229,9 @@ class CompiledEngine:
             self.kv[key] = StaticKV(len(self.blocks), rows, self.blocks[0].kv_heads, length, self.head_dim, self.dtype,
                                     self.device)
         buffers = self.kv[key]
-        if kv_cache.span == (0, length):
+        # A block-causal cache is filled block by block and never by one full forward: it takes the
+        # buffers at its first forward (positions it has not written are masked out of attention).
+        if kv_cache.span == (0, length) or (kv_cache.starts_empty and not kv_cache.keys):
             # A full forward (re)records the keys/values: the buffers now belong to this SequenceKV,
             # which sees them as its own (so an eager forward on it reads the same tensors).
             self.owner[key] = weakref.ref(kv_cache)
@@ -233,7 +243,8 @@ class CompiledEngine:
             )
         return buffers
 
-    def _forward(self, buffers: Optional[StaticKV], input_ids, position_ids, key_mask, write, logits_index) -> torch.Tensor:
+    def _forward(self, buffers: Optional[StaticKV], input_ids, position_ids, key_mask, write, fresh, logits_index
+                 ) -> torch.Tensor:
         rows, n = input_ids.shape
         h = F.embedding(input_ids, self.embedding)
         cos, sin = self.rotary(position_ids, self.head_dim, self.model.config.rope_theta)
@@ -244,7 +255,7 @@ class CompiledEngine:
                 q, k, v = self.rotate(qkv, cos, sin, block.heads, block.kv_heads)
             else:
                 k, v = buffers.keys[i], buffers.values[i]
-                q = self.rotate_into(qkv, cos, sin, block.heads, block.kv_heads, k, v, write)
+                q = self.rotate_into(qkv, cos, sin, block.heads, block.kv_heads, k, v, write, fresh)
             a = attention(q, k, v, layer=i, key_mask=key_mask, kv_cache=None)
             h, x = self.add_norm(h, F.linear(a.transpose(1, 2).reshape(rows, n, -1), block.out_weight, block.out_bias),
                                  block.mlp_norm, block.eps)

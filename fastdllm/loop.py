@@ -338,9 +338,6 @@ def generate(
     if engine is not None and not runs_every_layer(reuse):
         notice(f"reuse={reuse.config.name} decides per layer on the host (run_layer); its forwards run eager")
         engine = None
-    if engine is not None and model.block_causal:
-        notice("block-causal models (Fast-dLLM v2) fill their key/value cache block by block; their forwards run eager")
-        engine = None
     sub_block_length = config.sub_block_length or block_length
     call = ModelCall(model, tokens, key_mask, prompt_mask, config.cfg_scale, reuse, engine,
                      attention_block=block_length if model.block_causal else None, sub_block_length=sub_block_length)

@@ -29,7 +29,7 @@ def tiny_llada(tiny_llada_dir):
     return load_model(tiny_llada_dir, torch.float32), load_tokenizer(tiny_llada_dir)
 
 
-def run_generate(model, tokenizer, prompts, *, gen_length=32, cache=None, reuse=None, seed=0, **generation):
+def run_generate(model, tokenizer, prompts, *, gen_length=32, cache=None, reuse=None, seed=0, engine=None, **generation):
     """Decode `prompts` (strings) with the project's loop; strategies built through the registries."""
     from fastdllm.cache import CACHES
     from fastdllm.generation import GENERATIONS
@@ -46,6 +46,7 @@ def run_generate(model, tokenizer, prompts, *, gen_length=32, cache=None, reuse=
         reuse=REUSES.build(reuse or {"name": "none"}),
         generators=[torch.Generator().manual_seed(seed + i) for i in range(len(ids))],
         stop_ids=stop_token_ids(model, tokenizer),
+        engine=engine,
     )
 
 

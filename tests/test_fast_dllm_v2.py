@@ -22,6 +22,7 @@ import fastdllm.tasks  # noqa: F401
 from conftest import REPO, run_generate
 from fastdllm.cache import CACHES
 from fastdllm.config import ASSETS
+from fastdllm.engine import build_engine
 from fastdllm.evaluate import encode_prompts, run
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import ModelCall, answer_length, generate, stop_token_ids
@@ -70,12 +71,12 @@ def tiny_v2():
     return build_tiny_v2(None)
 
 
-def decode(prompts=PROMPTS, cache="none", seed=0, reuse=None, **generation):
+def decode(prompts=PROMPTS, cache="none", seed=0, reuse=None, engine=None, **generation):
     model, tokenizer = tiny_v2()
     options = {"name": "fast-dllm-v2", "block_length": BLOCK, "sub_block_length": SUB_BLOCK} | generation
     cache_config = cache if isinstance(cache, dict) else {"name": cache}
     return run_generate(model, tokenizer, prompts, gen_length=GEN_LENGTH, cache=cache_config, reuse=reuse, seed=seed,
-                        **options)
+                        engine=engine, **options)
 
 
 # ---------------------------------------------------------------- the model
@@ -262,6 +263,24 @@ def test_batch_equals_single_with_prompts_of_different_lengths(cache, options):
         assert torch.equal(batched.responses[i], single.responses[0]), (cache, options, prompt)
         assert batched.nfe[i] == single.nfe[0]
         assert batched.committed_per_step[i] == single.committed_per_step[0]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("options", [{"threshold": 0.5}, {"threshold": 1.0, "sub_block_length": None},
+                                     {"temperature": 1.0, "top_p": 0.9}])
+def test_compiled_engine_decodes_as_eager(cache, options, capsys):
+    """The compiled forward with the block-causal mask, key/value buffers filled block by block (the
+    prefill, each block's steps, its block-end forward) and the sub-block cache's per-sample writes."""
+    engine = build_engine("compiled", tiny_v2()[0])
+    assert engine is not None
+    compiled = decode(cache=cache, engine=engine, **options)
+    eager = decode(cache=cache, **options)
+    assert torch.equal(compiled.responses, eager.responses)
+    assert compiled.nfe == eager.nfe and compiled.positions == eager.positions
+    assert compiled.committed_per_step == eager.committed_per_step
+    # Every forward ran compiled: one key/value buffer set per batch shape for the cached runs, no notice.
+    assert (len(engine.kv) == 1) == (cache != "none")
+    assert "engine=compiled" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])

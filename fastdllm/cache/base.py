@@ -13,10 +13,13 @@ and replays it. A strategy stays on it when:
   changes once per block); pad or top-k variable position sets to fixed counts;
 - its key/value cache is `cache.kv.SequenceKV` (the engine keeps its keys/values in preallocated
   buffers and writes the computed span in place), one alive per batch at a time, refreshed by a full
-  forward; another KVCache type runs its forwards eager, with a one-line notice;
+  forward or, for a block-causal family, filled span by span from empty (`starts_empty`), a per-sample
+  `fresh` mask choosing which of the span's positions each row writes; another KVCache type runs its
+  forwards eager, with a one-line notice;
 - it reads nothing from the device on the host inside a step (no `.item()`, `.tolist()`,
   `bool(tensor)`, `.nonzero()`, boolean-mask indexing): its decisions are Python integers known
-  from the step number, or tensors that stay on the device.
+  from the step number, or tensors that stay on the device. Where the shape of a forward itself
+  depends on the data (the v2 sub-block cache's span in a batch), read it in one transfer per step.
 
 Per layer and per position (dLLM-Cache, d2Cache, token trimming): pass `position_hook=` to
 `call.predict` (a span) or `call.predict_at` (any positions [B, n], e.g. a top-k selection). The

@@ -8,7 +8,7 @@ position before the sub-block); otherwise only its current sub-block, attending 
 keys/values as last computed. Samples of a batch may sit in different sub-blocks: the step computes
 the span covering every sample's positions and writes each sample's keys/values only where that
 sample would compute alone, so a batch decodes every sample as it decodes alone (batch 1 computes
-exactly the published span). Sizing that span reads two numbers from the device per step.
+exactly the published span). Sizing that span reads its two bounds from the device, once per step.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ class DualCache(KVCacheStrategy):
         whole = first_masked | refresh
         fresh_start = torch.where(whole, block_start, sub_start)
         fresh_end = torch.where(whole, block_end, sub_start + length)
-        start = int(fresh_start.masked_fill(~active, block_end).min())
-        end = int(fresh_end.masked_fill(~active, block_start).max())
+        # The span's bounds decide the forward's shape: one host read per step, for both.
+        start, end = torch.stack([fresh_start.masked_fill(~active, block_end).min(),
+                                  fresh_end.masked_fill(~active, block_start).max()]).tolist()
         columns = torch.arange(start, end, device=decoding.device)[None, :]
         fresh = (columns >= fresh_start[:, None]) & (columns < fresh_end[:, None]) & active[:, None]
         return start, end, fresh
