@@ -5,6 +5,8 @@
 One token committed per step (vanilla, no threshold), so every setting runs the same steps; for
 cache=none and cache=dual, batch 1 and 8, k = 0, 4, 8, 16 of the 32 layers skipped on refinement
 steps (which=last). Ratios are to k=0 of the same cache and batch, measured in this run.
+reuse=layer decides per layer on the host, so it runs on the eager engine; each (cache, batch) also
+gets a row `reuse=none engine=compiled`, the fast path it would be compared with.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from fastdllm.bench import BenchConfig, random_workload
 from fastdllm.cache import CACHES
+from fastdllm.engine import build_engine
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import generate
 from fastdllm.reuse import REUSES
@@ -22,12 +25,15 @@ from fastdllm.reuse import REUSES
 GEN_LENGTH, BLOCK_LENGTH = 64, 32
 
 
-def decode(work, batch: int, cache: str, k: int, device: str):
+def decode(work, batch: int, cache: str, k: int | None, device: str, engine=None):
+    """k layers reused (reuse=layer), or reuse=none for k=None."""
+    reuse = {"name": "none"} if k is None else {"name": "layer", "k": k}
     return generate(
         work.model, work.prompts[:batch], gen_length=GEN_LENGTH,
         generation=GENERATIONS.build({"name": "vanilla", "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH}),
-        cache=CACHES.build({"name": cache}), reuse=REUSES.build({"name": "layer", "k": k}),
+        cache=CACHES.build({"name": cache}), reuse=REUSES.build(reuse),
         generators=[torch.Generator(device).manual_seed(i) for i in range(batch)], stop_ids=work.stop_ids,
+        engine=engine,
     )
 
 
@@ -37,6 +43,7 @@ def main(output: str, device: str = "cuda", sizes: dict | None = None) -> None:
                          dtype="bfloat16", prompt_length=64, sizes=sizes)
     work = random_workload(config, config.prompts, GEN_LENGTH, torch.bfloat16, torch.device(device))
     print(work.description, flush=True)
+    engine = build_engine("compiled", work.model)
     rows = []
     for cache in ("none", "dual"):
         for batch in (1, 8):
@@ -49,6 +56,13 @@ def main(output: str, device: str = "cuda", sizes: dict | None = None) -> None:
                 rows.append({"cache": cache, "batch": batch, "k": k, "ms_per_step": ms, "ratio_to_k0": ms / baseline,
                              "layer_positions_per_sample": out.layer_positions[0]})
                 print(json.dumps(rows[-1]), flush=True)
+            decode(work, batch, cache, None, device, engine)  # warm-up: compilation, graph capture
+            out = decode(work, batch, cache, None, device, engine)
+            ms = 1000 * out.seconds / max(out.nfe)
+            rows.append({"cache": cache, "batch": batch, "k": "reuse=none engine=compiled", "ms_per_step": ms,
+                         "ratio_to_k0": ms / baseline, "layer_positions_per_sample": out.layer_positions[0]})
+            print(json.dumps(rows[-1]), flush=True)
+            engine.clear()
     with open(output, "w") as f:
         json.dump(rows, f, indent=2)
 
