@@ -11,6 +11,7 @@ gets a row `reuse=none engine=compiled`, the fast path it would be compared with
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import torch
@@ -37,31 +38,33 @@ def decode(work, batch: int, cache: str, k: int | None, device: str, engine=None
     )
 
 
-def main(output: str, device: str = "cuda", sizes: dict | None = None) -> None:
-    """`sizes`: config fields overriding LLaDA-8B's (a CPU smoke test uses a small model)."""
+def main(output: str, device: str = "cuda", sizes: dict | None = None, repeats: int = 3) -> None:
+    """`sizes`: config fields overriding LLaDA-8B's (a CPU smoke test uses a small model). Each setting
+    is decoded once untimed, then `repeats` times in turn with the others (so drifting clocks or host
+    load touch every setting alike); its row is the median."""
     config = BenchConfig(model=None, generation=None, reuse=None, dataset=None, random_weights=True, prompts=8,
                          dtype="bfloat16", prompt_length=64, sizes=sizes)
     work = random_workload(config, config.prompts, GEN_LENGTH, torch.bfloat16, torch.device(device))
     print(work.description, flush=True)
     engine = build_engine("compiled", work.model)
+    settings = [(k, None) for k in (0, 4, 8, 16)] + [("reuse=none engine=compiled", engine)]
     rows = []
     for cache in ("none", "dual"):
         for batch in (1, 8):
-            decode(work, batch, cache, 0, device)  # warm-up: kernel selection, allocator
-            baseline = None
-            for k in (0, 4, 8, 16):
-                out = decode(work, batch, cache, k, device)
-                ms = 1000 * out.seconds / max(out.nfe)
-                baseline = baseline or ms
+            times: dict[object, list[float]] = {k: [] for k, _ in settings}
+            layer_positions = {}
+            for round_ in range(repeats + 1):
+                for k, runs_on in settings:
+                    out = decode(work, batch, cache, k if runs_on is None else None, device, runs_on)
+                    if round_ > 0:  # round 0 warms up: compilation, graph capture, kernel selection
+                        times[k].append(1000 * out.seconds / max(out.nfe))
+                    layer_positions[k] = out.layer_positions[0]
+            baseline = statistics.median(times[0])
+            for k, _ in settings:
+                ms = statistics.median(times[k])
                 rows.append({"cache": cache, "batch": batch, "k": k, "ms_per_step": ms, "ratio_to_k0": ms / baseline,
-                             "layer_positions_per_sample": out.layer_positions[0]})
+                             "runs_ms": times[k], "layer_positions_per_sample": layer_positions[k]})
                 print(json.dumps(rows[-1]), flush=True)
-            decode(work, batch, cache, None, device, engine)  # warm-up: compilation, graph capture
-            out = decode(work, batch, cache, None, device, engine)
-            ms = 1000 * out.seconds / max(out.nfe)
-            rows.append({"cache": cache, "batch": batch, "k": "reuse=none engine=compiled", "ms_per_step": ms,
-                         "ratio_to_k0": ms / baseline, "layer_positions_per_sample": out.layer_positions[0]})
-            print(json.dumps(rows[-1]), flush=True)
             engine.clear()
     with open(output, "w") as f:
         json.dump(rows, f, indent=2)
