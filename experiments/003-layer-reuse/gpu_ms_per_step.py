@@ -4,9 +4,8 @@
 
 One token committed per step (vanilla, no threshold), so every setting runs the same steps; for
 cache=none and cache=dual, batch 1 and 8, k = 0, 4, 8, 16 of the 32 layers skipped on refinement
-steps (which=last). Ratios are to k=0 of the same cache and batch, measured in this run.
-reuse=layer decides per layer on the host, so it runs on the eager engine; each (cache, batch) also
-gets a row `reuse=none engine=compiled`, the fast path it would be compared with.
+steps (which=last), on engine=eager and engine=compiled. Ratios are to k=0 of the same cache, batch
+and engine, measured in this run.
 """
 from __future__ import annotations
 
@@ -26,9 +25,8 @@ from fastdllm.reuse import REUSES
 GEN_LENGTH, BLOCK_LENGTH = 64, 32
 
 
-def decode(work, batch: int, cache: str, k: int | None, device: str, engine=None):
-    """k layers reused (reuse=layer), or reuse=none for k=None."""
-    reuse = {"name": "none"} if k is None else {"name": "layer", "k": k}
+def decode(work, batch: int, cache: str, k: int, device: str, engine=None):
+    reuse = {"name": "layer", "k": k}
     return generate(
         work.model, work.prompts[:batch], gen_length=GEN_LENGTH,
         generation=GENERATIONS.build({"name": "vanilla", "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH}),
@@ -47,23 +45,24 @@ def main(output: str, device: str = "cuda", sizes: dict | None = None, repeats: 
     work = random_workload(config, config.prompts, GEN_LENGTH, torch.bfloat16, torch.device(device))
     print(work.description, flush=True)
     engine = build_engine("compiled", work.model)
-    settings = [(k, None) for k in (0, 4, 8, 16)] + [("reuse=none engine=compiled", engine)]
+    engines = {"eager": None, "compiled": engine}
+    settings = [(name, k) for name in engines for k in (0, 4, 8, 16)]
     rows = []
     for cache in ("none", "dual"):
         for batch in (1, 8):
-            times: dict[object, list[float]] = {k: [] for k, _ in settings}
+            times: dict[tuple[str, int], list[float]] = {setting: [] for setting in settings}
             layer_positions = {}
             for round_ in range(repeats + 1):
-                for k, runs_on in settings:
-                    out = decode(work, batch, cache, k if runs_on is None else None, device, runs_on)
+                for name, k in settings:
+                    out = decode(work, batch, cache, k, device, engines[name])
                     if round_ > 0:  # round 0 warms up: compilation, graph capture, kernel selection
-                        times[k].append(1000 * out.seconds / max(out.nfe))
-                    layer_positions[k] = out.layer_positions[0]
-            baseline = statistics.median(times[0])
-            for k, _ in settings:
-                ms = statistics.median(times[k])
-                rows.append({"cache": cache, "batch": batch, "k": k, "ms_per_step": ms, "ratio_to_k0": ms / baseline,
-                             "runs_ms": times[k], "layer_positions_per_sample": layer_positions[k]})
+                        times[name, k].append(1000 * out.seconds / max(out.nfe))
+                    layer_positions[name, k] = out.layer_positions[0]
+            for name, k in settings:
+                ms = statistics.median(times[name, k])
+                rows.append({"cache": cache, "batch": batch, "engine": name, "k": k, "ms_per_step": ms,
+                             "ratio_to_k0": ms / statistics.median(times[name, 0]), "runs_ms": times[name, k],
+                             "layer_positions_per_sample": layer_positions[name, k]})
                 print(json.dumps(rows[-1]), flush=True)
             engine.clear()
     with open(output, "w") as f:
