@@ -9,17 +9,23 @@ launching ~1,500 small kernels rather than by reading the weights:
   at the computed positions given as a tensor (not a Python slice), so one graph serves every block;
   block-causal families (Fast-dLLM v2) fill them block by block, their mask a graph input like the rest;
 - grouped-query attention reads the shared key/value heads directly (SDPA `enable_gqa`);
+- layers a reuse strategy skips (reuse=layer, reuse.base.ReusedLayers) add a contribution kept in a
+  preallocated [rows, length, width] buffer per layer, written in place at the computed positions by
+  the forwards that compute them;
 - RMSNorm with its residual add, rotary embedding and the SiLU gate are compiled (torch.compile) into
   one kernel each;
-- each forward shape (rows, span, logits, padding or not, key/value buffers) is captured once as a
-  CUDA graph and then replayed: one launch per forward, no host work per layer.
+- each forward shape (rows, span, logits, padding or not, key/value buffers, layers skipped or
+  recorded) is captured once as a CUDA graph and then replayed: one launch per forward, no host work
+  per layer.
 On a CPU it runs the same restructured code without compilation or graphs (what the CPU tests check
 against eager). `auto` is `compiled` on CUDA and `eager` elsewhere.
 
 A forward runs eager instead, with a one-line notice, where the fast path cannot honour it: a reuse
-strategy that overrides `run_layer`, a key/value cache other than cache.kv.SequenceKV, or a family
-whose model or block forward is not the one this engine re-implements (see `unsupported`). The rules a strategy follows to stay on the fast path are written
-in cache/base.py and reuse/base.py.
+strategy that decides per layer on the host (`runs_compiled()` false: it overrides `run_layer`, e.g.
+reuse=layer with adaptive_tolerance), a key/value cache other than cache.kv.SequenceKV, or a family
+whose model or block forward is not the one this engine re-implements (see `unsupported`); a forward
+with a position hook (reuse=trim|activation, cache=dllm|d2cache) runs eager, without a notice. The
+rules a strategy follows to stay on the fast path are written in cache/base.py and reuse/base.py.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 
 from fastdllm.models.base import DiffusionLM
 from fastdllm.models.layers import KVCache, apply_rotary, attention, rotary_cos_sin
+from fastdllm.reuse.base import ReusedLayers
 
 _NOTICES: set[str] = set()
 # Captured forward shapes kept at most (a prefix cache at 512 + 256 tokens uses 9 per batch shape).
@@ -172,13 +179,17 @@ class CompiledEngine:
         self.pool = None
         self.captured: dict[tuple, CapturedForward] = {}
         self.kv: dict[tuple[int, int], StaticKV] = {}
+        # Per (rows, length): each reused layer's contribution (output minus input) [rows, length, width].
+        self.contributions: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         # Per (rows, length): the SequenceKV whose keys/values the buffers hold (set by a full forward).
         self.owner: dict[tuple[int, int], weakref.ref] = {}
 
     def clear(self) -> None:
-        """Free the key/value buffers and the captured graphs (e.g. between benchmark configurations)."""
+        """Free the key/value and contribution buffers and the captured graphs (e.g. between benchmark
+        configurations)."""
         self.captured.clear()
         self.kv.clear()
+        self.contributions.clear()
         self.owner.clear()
         self.pool = None
 
@@ -191,26 +202,32 @@ class CompiledEngine:
         return False
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-                kv_cache=None, logits_for: slice = slice(None)) -> torch.Tensor:
-        """DiffusionLM.forward's contract (without layer_runner); kv_cache is None or a SequenceKV."""
+                kv_cache=None, logits_for: slice = slice(None), reused: ReusedLayers = ReusedLayers(),
+                start: int = 0, length: Optional[int] = None) -> torch.Tensor:
+        """DiffusionLM.forward's contract (without layer_runner); kv_cache is None or a SequenceKV.
+        `reused`: the reuse strategy's layers, and whether this forward skips them or records their
+        contributions; these are kept per column of the sequence, so without a kv_cache (which knows it)
+        the forward needs where its positions lie: columns [start, start + n) of `length`."""
         rows, n = input_ids.shape
         first, last, _ = logits_for.indices(n)
-        buffers, write, fresh = None, None, None
+        buffers, columns, fresh, contributions = None, None, None, None
         if kv_cache is not None:
             buffers = self._buffers(rows, kv_cache)
-            start = kv_cache.span[0]
-            write = torch.arange(start, start + n, device=self.device)
-            fresh = kv_cache.fresh
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "key_mask": key_mask, "write": write,
+            start, length, fresh = kv_cache.span[0], kv_cache.length, kv_cache.fresh
+        if reused.layers:
+            contributions = self._contributions(rows, length, reused.layers)
+        if buffers is not None or contributions is not None:
+            columns = torch.arange(start, start + n, device=self.device)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "key_mask": key_mask, "columns": columns,
                   "fresh": fresh, "logits_index": torch.arange(first, last, device=self.device)}
 
         def run(**static):
-            return self._forward(buffers, **static)
+            return self._forward(buffers, contributions, reused, **static)
 
         if not self.graphs:
             return run(**inputs)
         key = (rows, n, last - first, None if key_mask is None else tuple(key_mask.shape), fresh is None,
-               None if buffers is None else id(buffers))
+               None if buffers is None else id(buffers), reused)
         if key not in self.captured:
             if len(self.captured) >= MAX_GRAPHS:  # shapes that never repeat (cache=none over varied lengths)
                 self.captured.clear()
@@ -219,13 +236,29 @@ class CompiledEngine:
             self.pool = self.captured[key].pool
         return self.captured[key](inputs)
 
+    def _batch_shape(self, key: tuple[int, int]) -> None:
+        """One batch shape (rows, length) at a time (an evaluation's batches differ in length): the
+        buffers of the previous shape, and the graphs that read them, are freed rather than kept for later."""
+        if key not in self.kv and key not in self.contributions:
+            self.clear()
+
+    def _contributions(self, rows: int, length: int, layers: frozenset[int]) -> dict[int, torch.Tensor]:
+        """The reused layers' contribution buffers for this batch shape. They are not cleared between
+        batches of one shape: a forward that skips a layer reads only positions that an earlier forward
+        of its batch recorded (a block's first step records every position its later steps compute)."""
+        key = (rows, length)
+        self._batch_shape(key)
+        contributions = self.contributions.setdefault(key, {})
+        for layer in layers - contributions.keys():
+            contributions[layer] = torch.zeros(rows, length, self.embedding.shape[1], dtype=self.dtype,
+                                               device=self.device)
+        return contributions
+
     def _buffers(self, rows: int, kv_cache) -> StaticKV:
         length = kv_cache.length
         key = (rows, length)
         if key not in self.kv:
-            # One batch shape at a time (an evaluation's batches differ in length): the buffers of the
-            # previous shape, and the graphs that read them, are freed rather than kept for later.
-            self.clear()
+            self._batch_shape(key)
             self.kv[key] = StaticKV(len(self.blocks), rows, self.blocks[0].kv_heads, length, self.head_dim, self.dtype,
                                     self.device)
         buffers = self.kv[key]
@@ -243,28 +276,42 @@ class CompiledEngine:
             )
         return buffers
 
-    def _forward(self, buffers: Optional[StaticKV], input_ids, position_ids, key_mask, write, fresh, logits_index
-                 ) -> torch.Tensor:
+    def _forward(self, buffers: Optional[StaticKV], contributions: Optional[dict[int, torch.Tensor]],
+                 reused: ReusedLayers, input_ids, position_ids, key_mask, columns, fresh, logits_index) -> torch.Tensor:
         rows, n = input_ids.shape
         h = F.embedding(input_ids, self.embedding)
         cos, sin = self.rotary(position_ids, self.head_dim, self.model.config.rope_theta)
-        x = self.norm(h, self.blocks[0].attn_norm, self.blocks[0].eps)
+        # What the previous layer adds to h (its feed-forward output, or a kept contribution), added in
+        # the kernel of the next norm; None: h is the next layer's input. The adds happen in eager's
+        # order (h + attention, + feed-forward, + contribution), so the values are eager's.
+        pending = None
         for i, block in enumerate(self.blocks):
+            if i in reused.layers and reused.skipping:
+                h = h if pending is None else h + pending
+                pending = contributions[i].index_select(1, columns)
+                continue
+            if pending is None:
+                x = self.norm(h, block.attn_norm, block.eps)
+            else:
+                h, x = self.add_norm(h, pending, block.attn_norm, block.eps)
+            layer_input = h
             qkv = F.linear(x, block.qkv_weight, block.qkv_bias)
             if buffers is None:
                 q, k, v = self.rotate(qkv, cos, sin, block.heads, block.kv_heads)
             else:
                 k, v = buffers.keys[i], buffers.values[i]
-                q = self.rotate_into(qkv, cos, sin, block.heads, block.kv_heads, k, v, write, fresh)
+                q = self.rotate_into(qkv, cos, sin, block.heads, block.kv_heads, k, v, columns, fresh)
             a = attention(q, k, v, layer=i, key_mask=key_mask, kv_cache=None)
             h, x = self.add_norm(h, F.linear(a.transpose(1, 2).reshape(rows, n, -1), block.out_weight, block.out_bias),
                                  block.mlp_norm, block.eps)
-            delta = F.linear(self.gate(F.linear(x, block.gate_up_weight)), block.down_weight)
-            if i + 1 < len(self.blocks):
-                following = self.blocks[i + 1]
-                h, x = self.add_norm(h, delta, following.attn_norm, following.eps)
+            pending = F.linear(self.gate(F.linear(x, block.gate_up_weight)), block.down_weight)
+            if i in reused.layers:
+                h, pending = h + pending, None
+                contributions[i].index_copy_(1, columns, h - layer_input)
         # Only the positions whose logits are used go through the final norm and the output head.
-        h = h.index_select(1, logits_index) + delta.index_select(1, logits_index)
+        h = h.index_select(1, logits_index)
+        if pending is not None:
+            h = h + pending.index_select(1, logits_index)
         return F.linear(self.norm(h, self.final_norm.weight, self.final_norm.eps), self.head).float()
 
 

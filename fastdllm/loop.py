@@ -22,7 +22,7 @@ from fastdllm.generation.base import GenerationStrategy, certainty_density
 from fastdllm.models.base import DiffusionLM
 from fastdllm.models.layers import KVCache, LayerPlan, PositionHook
 from fastdllm.registry import ConfigError
-from fastdllm.reuse.base import ReuseStrategy, runs_every_layer
+from fastdllm.reuse.base import ReuseStrategy
 
 
 class ModelCall:
@@ -106,7 +106,8 @@ class ModelCall:
                                  cache_hook=position_hook is not None)
         key_mask = self.attention_mask(torch.arange(start, end, device=self.tokens.device),
                                        (0, self.length) if kv_cache is not None else (start, end), first=start)
-        logits = self._forward(lambda t: t[:, start:end], key_mask, kv_cache, position_hook, slice(lo - start, hi - start))
+        logits = self._forward(lambda t: t[:, start:end], key_mask, kv_cache, position_hook, slice(lo - start, hi - start),
+                               start)
         self.positions += end - start if positions_computed is None else positions_computed
         if (lo, hi) != (first, last):
             block = logits.new_zeros(logits.shape[0], last - first, logits.shape[-1])
@@ -127,9 +128,10 @@ class ModelCall:
 
     def _forward(self, select: Callable[[torch.Tensor], torch.Tensor], key_mask: Optional[torch.Tensor],
                  kv_cache: Optional[KVCache], position_hook: Optional[PositionHook],
-                 logits_for: slice | torch.Tensor) -> torch.Tensor:
+                 logits_for: slice | torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
         """The model over the positions `select` takes from a [B, L] tensor under `key_mask`, with CFG
-        and the mask token never predicted; counts the forward."""
+        and the mask token never predicted; counts the forward. `start`: the first column of a span
+        (None: scattered positions, which the engine does not run)."""
         ids, positions = select(self.tokens), select(self.position_ids)
         if self.cfg_scale > 0:
             # The unconditional copy sees the prompt as mask tokens; both run as one batch.
@@ -144,10 +146,13 @@ class ModelCall:
         if reuse_hook is not None:  # begin_forward refused a cache with a position hook of its own
             position_hook, kv_cache = reuse_hook
         self.hooked = position_hook is not None
-        if self.engine is not None and not self.hooked and isinstance(logits_for, slice) and self.engine.supports(kv_cache):
-            logits = self.engine.forward(ids, positions, key_mask, kv_cache=kv_cache, logits_for=logits_for)
-            # The engine runs every layer over every computed position.
-            self.layer_positions += ids.shape[1] * self.num_layers
+        if self.engine is not None and not self.hooked and start is not None and self.engine.supports(kv_cache):
+            reused = self.reuse.reused_layers()
+            logits = self.engine.forward(ids, positions, key_mask, kv_cache=kv_cache, logits_for=logits_for,
+                                         reused=reused, start=start, length=self.length)
+            # The engine runs every layer it does not skip over every computed position.
+            skipped = len(reused.layers) if reused.skipping else 0
+            self.layer_positions += ids.shape[1] * (self.num_layers - skipped)
         else:
             if self.hooked:
                 position_hook = CountingHook(position_hook, self)
@@ -335,7 +340,7 @@ def generate(
     response_starts = torch.tensor(layout.response_starts, device=device)
     in_response = torch.arange(layout.length, device=device)[None, :] >= response_starts[:, None]
 
-    if engine is not None and not runs_every_layer(reuse):
+    if engine is not None and not reuse.runs_compiled():
         notice(f"reuse={reuse.config.name} decides per layer on the host (run_layer); its forwards run eager")
         engine = None
     sub_block_length = config.sub_block_length or block_length

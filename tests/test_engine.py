@@ -1,6 +1,7 @@
 """engine=compiled against engine=eager on tiny random models, CPU, float32 (no compilation or CUDA
 graphs on a CPU: this checks the restructured forward: fused projections, static key/value buffers
-written at tensor positions, grouped-query attention, the final-position selection)."""
+written at tensor positions, grouped-query attention, the final-position selection, the layers that
+reuse=layer skips)."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,7 @@ from fastdllm.loop import generate
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.reuse import REUSES
 from fastdllm.reuse.base import ReuseConfig, ReuseStrategy
+from fastdllm.reuse.layer import LayerReuseConfig
 from tests.test_caches import PROMPTS, tiny
 
 GEN_LENGTH = 16
@@ -80,6 +82,44 @@ def test_reuse_deciding_per_layer_runs_eager_with_a_notice(capsys):
     compiled = decode("llada", "none", CompiledEngine(model), reuse=reuse)
     assert torch.equal(compiled.responses, eager.responses)
     assert "reuse=skip-second" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llada", "Dream"])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("reuse", [{"k": 1}, {"layers": [0]}, {"k": 1, "refresh_interval": 2}],
+                         ids=["last", "first", "refresh-every-2"])
+def test_layer_reuse_runs_compiled_as_eager(family, cache, reuse, capsys, monkeypatch):
+    """The skipped layers add the contributions the engine recorded, in eager's order of the adds, and
+    count no layer-positions; the same engine decodes a second batch of the same shape alike."""
+    monkeypatch.setattr("fastdllm.engine._NOTICES", set())
+    model, _ = tiny(family)
+    engine = build_engine("compiled", model)
+    config = {"name": "layer"} | reuse
+    eager = decode(family, cache, None, reuse=REUSES.build(config))
+    layers = len(model.parts()[1])
+    assert sum(eager.layer_positions) < layers * sum(eager.positions)  # layers were skipped
+    for _ in range(2):
+        compiled = decode(family, cache, engine, reuse=REUSES.build(config))
+        assert torch.equal(compiled.responses, eager.responses)
+        assert compiled.nfe == eager.nfe and compiled.positions == eager.positions
+        assert compiled.committed_per_step == eager.committed_per_step
+        assert compiled.layer_positions == eager.layer_positions
+    # The compiled forwards really ran: one contribution buffer per skipped layer, no notice.
+    skipped = LayerReuseConfig(**reuse).skipped_layers(layers)
+    assert [set(buffers) for buffers in engine.contributions.values()] == [skipped]
+    assert "engine=compiled" not in capsys.readouterr().err
+
+
+def test_layer_reuse_with_adaptive_tolerance_runs_eager_with_a_notice(capsys, monkeypatch):
+    monkeypatch.setattr("fastdllm.engine._NOTICES", set())
+    model, _ = tiny("llada")
+    engine = CompiledEngine(model)
+    config = {"name": "layer", "k": 1, "adaptive_tolerance": 0.1}
+    eager = decode("llada", "dual", None, reuse=REUSES.build(config))
+    compiled = decode("llada", "dual", engine, reuse=REUSES.build(config))
+    assert torch.equal(compiled.responses, eager.responses) and compiled.layer_positions == eager.layer_positions
+    assert not engine.kv and not engine.contributions
+    assert "reuse=layer decides per layer on the host" in capsys.readouterr().err
 
 
 def test_a_new_batch_shape_frees_the_previous_buffers():

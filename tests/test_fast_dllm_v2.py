@@ -284,6 +284,24 @@ def test_compiled_engine_decodes_as_eager(cache, options, capsys):
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_compiled_engine_runs_layer_reuse_as_eager(cache, capsys, monkeypatch):
+    """Block-causal: the prefill and block-end forwards record the skipped layer's contribution, the
+    steps of a block (sub-block spans included) add it."""
+    monkeypatch.setattr("fastdllm.engine._NOTICES", set())
+    engine = build_engine("compiled", tiny_v2()[0])
+    reuse = {"name": "layer", "k": 1}
+    compiled = decode(cache=cache, reuse=reuse, engine=engine, threshold=0.5)
+    eager = decode(cache=cache, reuse=reuse, threshold=0.5)
+    assert sum(eager.layer_positions) < len(tiny_v2()[0].parts()[1]) * sum(eager.positions)  # a layer was skipped
+    assert torch.equal(compiled.responses, eager.responses)
+    assert compiled.nfe == eager.nfe and compiled.positions == eager.positions
+    assert compiled.committed_per_step == eager.committed_per_step
+    assert compiled.layer_positions == eager.layer_positions
+    assert len(engine.contributions) == 1
+    assert "engine=compiled" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 @pytest.mark.parametrize("reuse", [{"name": "layer", "k": 1}, {"name": "trim", "tolerance": 0.1},
                                    {"name": "trim", "tolerance": 0.1, "max_ratio": 0.5},
                                    {"name": "activation", "tolerance": 0.1}])

@@ -5,16 +5,19 @@ runs the layer for real. The loop tells the strategy where it is with `begin_ste
 step) and `begin_forward` (each forward pass of the step) first.
 
 The fast path (engine=compiled, fastdllm/engine.py) replays each forward as one CUDA graph and calls
-no Python per layer, so a strategy that overrides `run_layer` runs its forwards eager, with a one-line
-notice. To keep a reuse strategy on the fast path, decide per step or per block in `begin_step` (host
-side, before the forward) and express the decision as tensors of fixed shape that the forward reads
-(e.g. a [layers] mask or top-k positions padded to a fixed count), never by reading device values on
-the host (`.item()`, `.tolist()`, `bool(tensor)`, `.nonzero()`) inside a step.
+no Python per layer: it runs a strategy's forwards only if `runs_compiled()` says so, which by default
+means the strategy leaves `run_layer` as is; the others run eager, with a one-line notice. A strategy
+that skips whole layers declares them instead: `reused_layers()` says, on the host before each forward,
+which layers the engine keeps a residual contribution of and whether this forward adds it in place of
+computing them (reuse=layer). Other decisions stay on the fast path when made per step or per block in
+`begin_step` (host side, before the forward) and expressed as tensors of fixed shape that the forward
+reads (e.g. top-k positions padded to a fixed count), never by reading device values on the host
+(`.item()`, `.tolist()`, `bool(tensor)`, `.nonzero()`) inside a step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from omegaconf import MISSING
@@ -28,6 +31,17 @@ REUSES = Registry("reuse")
 @dataclass
 class ReuseConfig:
     name: str = MISSING
+
+
+class ReusedLayers(NamedTuple):
+    """What engine=compiled does at the next forward with the layers a strategy reuses. The engine
+    keeps each such layer's residual contribution (its output minus its input) per position of the
+    sequence: a forward that computes the layer records it at the computed positions."""
+
+    # The layers whose contribution is kept.
+    layers: frozenset[int] = frozenset()
+    # The forward adds the kept contributions instead of computing these layers (which then write no keys/values).
+    skipping: bool = False
 
 
 class ReuseStrategy:
@@ -59,7 +73,11 @@ class ReuseStrategy:
     def run_layer(self, layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return compute(hidden)
 
+    def runs_compiled(self) -> bool:
+        """Whether engine=compiled can run this strategy's forwards, which never call `run_layer`: true
+        when `run_layer` is left as is, or when `reused_layers` expresses what it does."""
+        return type(self).run_layer is ReuseStrategy.run_layer
 
-def runs_every_layer(reuse: ReuseStrategy) -> bool:
-    """Whether the strategy leaves `run_layer` as is (every layer computed): the compiled engine's condition."""
-    return type(reuse).run_layer is ReuseStrategy.run_layer
+    def reused_layers(self) -> ReusedLayers:
+        """Called after begin_forward on engine=compiled: the layers reused and whether the next forward skips them."""
+        return ReusedLayers()

@@ -15,6 +15,11 @@ accumulated step by step since the layer was last computed, stays below the tole
 is measured per batch row and each row uses the computed or the reused output accordingly, so a
 sample decodes the same in any batch. Deciding whether to run the layer at all reads one flag per
 candidate layer per refinement step on the host: with it, the strategy leaves the GPU fast path.
+
+Without adaptive_tolerance (k, which, layers, refresh_interval only) the skipped layers and whether a
+forward skips them are known on the host before it, so engine=compiled runs it (`reused_layers`):
+the engine then keeps the contributions in its own buffers and `run_layer`, which keeps them in
+`self.delta` for engine=eager, is never called.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from fastdllm.registry import ConfigError, check
-from fastdllm.reuse.base import REUSES, ReuseConfig, ReuseStrategy
+from fastdllm.reuse.base import REUSES, ReusedLayers, ReuseConfig, ReuseStrategy
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +118,12 @@ class LayerReuse(ReuseStrategy):
         if self.skipped:
             raise ConfigError("reuse=layer needs forwards over a contiguous span of positions; this cache computes "
                               "scattered positions: use cache=none|prefix|dual")
+
+    def runs_compiled(self) -> bool:
+        return self.config.adaptive_tolerance is None
+
+    def reused_layers(self) -> ReusedLayers:
+        return ReusedLayers(self.skipped, self.skipping)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if layer not in self.skipped:
