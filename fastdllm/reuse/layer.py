@@ -123,7 +123,8 @@ class LayerReuse(ReuseStrategy):
         return self.config.adaptive_tolerance is None
 
     def reused_layers(self) -> ReusedLayers:
-        return ReusedLayers(self.skipped, self.skipping)
+        # Nothing skipped (k=0): one graph for every forward, not one per skipping/recording.
+        return ReusedLayers(self.skipped, self.skipping and bool(self.skipped))
 
     def run_layer(self, layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if layer not in self.skipped:
