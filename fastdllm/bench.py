@@ -9,8 +9,8 @@ and tokens/s (all gen_length tokens), each also as a ratio to the first cache (c
 `same_tokens`, the share of response tokens equal to the first cache's, and, with a dataset's prompts,
 the accuracy. On CUDA also: the peak device memory of the cache's decodes, the floor (per step, from
 the device's bandwidth and matrix rate measured at the start: each forward costs at least the larger of
-reading its weights and keys/values and doing its matrix products), the ratio to that floor and which
-term bounds it; with engine=compiled, `same_as_eager` (share of the first batch's tokens equal to an
+reading its weights and keys/values and doing its matrix products; with reuse=none only, since it
+counts every layer), the ratio to that floor and which term bounds it; with engine=compiled, `same_as_eager` (share of the first batch's tokens equal to an
 eager decode) and eager ms per step. The decode loop, strategies and configuration groups are the
 project's own (conf/bench.yaml composes them).
 
@@ -285,7 +285,8 @@ def run(cfg: BenchConfig, model_cfg: ModelConfig) -> tuple[list[str], list[dict[
 
     header = [f"{work.description} | prompt {cfg.prompt_length if cfg.random_weights else 'dataset'}, gen_length {gen_length}, "
               f"block {generation.config.block_length}, {gen_length // (num_blocks * steps_per_block)} tokens/step, "
-              f"threshold {getattr(generation.config, 'threshold', None)} | {device} {cfg.dtype} engine={engine_name}"]
+              f"threshold {getattr(generation.config, 'threshold', None)}, reuse={reuse.config.name} | {device} "
+              f"{cfg.dtype} engine={engine_name}"]
     if ceilings is not None:
         header.append(f"{torch.cuda.get_device_name(device)}, measured: copy {ceilings.bandwidth / 1e12:.2f} TB/s, "
                       f"{cfg.dtype} matrix product {ceilings.matmul / 1e12:.0f} TFLOP/s; weights read per forward "
@@ -321,9 +322,11 @@ def run(cfg: BenchConfig, model_cfg: ModelConfig) -> tuple[list[str], list[dict[
                 "same_tokens": (responses == reference).float().mean().item(),
             }
             if ceilings is not None:
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            # The floor assumes every layer runs over every computed position, which a reuse strategy avoids.
+            if ceilings is not None and reuse.config.name == "none":
                 floor, bound = shape.floor(totals.forwards, ceilings)
-                row.update(floor_ms_per_step=1000 * floor / totals.steps, x_floor=totals.seconds / floor, bound=bound,
-                           peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+                row.update(floor_ms_per_step=1000 * floor / totals.steps, x_floor=totals.seconds / floor, bound=bound)
             if engine is not None and cfg.check_eager and batch_size == batch_sizes[0]:
                 eager = decode(cache, batches[0], None)
                 row["same_as_eager"] = (eager.responses == totals.responses[0]).float().mean().item()
