@@ -285,6 +285,11 @@ class CompiledEngine:
         # the kernel of the next norm; None: h is the next layer's input. The adds happen in eager's
         # order (h + attention, + feed-forward, + contribution), so the values are eager's.
         pending = None
+        # Past its keys/values, nothing reads the last layer's outputs but the output head: it runs its
+        # queries, attention and feed-forward only for the positions whose logits are used (unless a
+        # reuse strategy keeps its contribution at every position).
+        last = len(self.blocks) - 1
+        trim_last = logits_index.shape[0] < n and last not in reused.layers
         for i, block in enumerate(self.blocks):
             if i in reused.layers and reused.skipping:
                 h = h if pending is None else h + pending
@@ -301,17 +306,23 @@ class CompiledEngine:
             else:
                 k, v = buffers.keys[i], buffers.values[i]
                 q = self.rotate_into(qkv, cos, sin, block.heads, block.kv_heads, k, v, columns, fresh)
+            if i == last and trim_last:
+                q, h = q.index_select(2, logits_index), h.index_select(1, logits_index)
+                if key_mask is not None and key_mask.dim() == 4:  # a mask per query
+                    key_mask = key_mask.index_select(2, logits_index)
             a = attention(q, k, v, layer=i, key_mask=key_mask, kv_cache=None)
-            h, x = self.add_norm(h, F.linear(a.transpose(1, 2).reshape(rows, n, -1), block.out_weight, block.out_bias),
-                                 block.mlp_norm, block.eps)
+            h, x = self.add_norm(h, F.linear(a.transpose(1, 2).reshape(rows, q.shape[2], -1), block.out_weight,
+                                             block.out_bias), block.mlp_norm, block.eps)
             pending = F.linear(self.gate(F.linear(x, block.gate_up_weight)), block.down_weight)
             if i in reused.layers:
                 h, pending = h + pending, None
                 contributions[i].index_copy_(1, columns, h - layer_input)
         # Only the positions whose logits are used go through the final norm and the output head.
-        h = h.index_select(1, logits_index)
+        if not trim_last:
+            h = h.index_select(1, logits_index)
+            pending = None if pending is None else pending.index_select(1, logits_index)
         if pending is not None:
-            h = h + pending.index_select(1, logits_index)
+            h = h + pending
         return F.linear(self.norm(h, self.final_norm.weight, self.final_norm.eps), self.head).float()
 
 

@@ -166,3 +166,23 @@ def test_a_block_with_its_own_forward_runs_eager_with_a_notice(capsys):
         layer.__class__ = masked
     assert build_engine("compiled", model) is None
     assert "MaskedLayer overrides the forward of DreamDecoderLayer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llada", "Dream"])
+@pytest.mark.parametrize("logits_for", [slice(None), slice(4, 8), slice(11, 12)])
+@pytest.mark.parametrize("per_query_mask", [False, True])
+def test_forward_logits_match_eager(family, logits_for, per_query_mask):
+    """The compiled forward's logits, including the last layer run only for the positions with logits,
+    under a key mask or a per-query (block-causal) mask."""
+    model, _ = tiny(family)
+    ids = torch.randint(10, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).repeat(2, 1)
+    if per_query_mask:
+        key_mask = (torch.arange(12)[None, :] // 4 <= torch.arange(12)[:, None] // 4)[None, None]
+    else:
+        key_mask = torch.ones(2, 12, dtype=torch.bool)
+        key_mask[1, :3] = False
+    eager = model(ids, positions, key_mask, logits_for=logits_for)
+    compiled = CompiledEngine(model).forward(ids, positions, key_mask, logits_for=logits_for)
+    assert compiled.shape == eager.shape
+    torch.testing.assert_close(compiled, eager.float(), rtol=1e-5, atol=1e-5)
