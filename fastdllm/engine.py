@@ -37,14 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from fastdllm.models.base import DiffusionLM
-from torch.nn.attention.flex_attention import flex_attention
-
 from fastdllm.models.layers import KVCache, apply_rotary, attention, rotary_cos_sin
 from fastdllm.reuse.base import ReusedLayers
 
 _NOTICES: set[str] = set()
-# Fewer queries than this and no mask: short_span_attention (FlexAttention's split-key kernel).
-SHORT_SPAN = 128
 # Captured forward shapes kept at most (a prefix cache at 512 + 256 tokens uses 9 per batch shape).
 MAX_GRAPHS = 32
 
@@ -91,17 +87,6 @@ def rotate_qkv_into(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hea
     keys.index_copy_(2, index, k)
     values.index_copy_(2, index, v)
     return q
-
-
-def short_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """attention() without a mask for fewer than SHORT_SPAN queries, as FlexAttention: compiled, it
-    splits the keys across thread blocks, where SDPA runs one block per head and query tile (32 blocks
-    for a batch-1 span of 32 positions on a GPU of 132 multiprocessors, each reading every key alone)."""
-    return flex_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def unmasked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
@@ -190,14 +175,6 @@ class CompiledEngine:
         self.norm, self.add_norm, self.gate = wrap(rms_norm), wrap(add_rms_norm), wrap(silu_gate)
         self.rotate, self.rotate_into = wrap(rotate_qkv), wrap(rotate_qkv_into)
         self.rotary = wrap(rotary_cos_sin)
-        # Only compiled (uncompiled FlexAttention is a slow reference), in half precision (float32 keeps
-        # SDPA: the exactness check against eager), and only where one thread block per head and query
-        # tile leaves multiprocessors idle. Its split-key kernel needs the batch and head counts static,
-        # which they stay while the batch size does not change (then it runs FlexAttention's main kernel).
-        half = self.dtype in (torch.bfloat16, torch.float16)
-        self.short_attention = (compile_or_eager(short_span_attention, fallback=unmasked_attention)
-                                if on_gpu and half else None)
-        self.multiprocessors = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 0
         # The memory pool the graphs share (they replay one at a time), set by the first capture.
         self.pool = None
         self.captured: dict[tuple, CapturedForward] = {}
@@ -333,11 +310,7 @@ class CompiledEngine:
                 q, h = q.index_select(2, logits_index), h.index_select(1, logits_index)
                 if key_mask is not None and key_mask.dim() == 4:  # a mask per query
                     key_mask = key_mask.index_select(2, logits_index)
-            if (self.short_attention is not None and key_mask is None and q.shape[2] < SHORT_SPAN
-                    and rows * block.heads < self.multiprocessors):
-                a = self.short_attention(q, k, v)
-            else:
-                a = attention(q, k, v, layer=i, key_mask=key_mask, kv_cache=None)
+            a = attention(q, k, v, layer=i, key_mask=key_mask, kv_cache=None)
             h, x = self.add_norm(h, F.linear(a.transpose(1, 2).reshape(rows, q.shape[2], -1), block.out_weight,
                                              block.out_bias), block.mlp_norm, block.eps)
             pending = F.linear(self.gate(F.linear(x, block.gate_up_weight)), block.down_weight)
@@ -353,9 +326,8 @@ class CompiledEngine:
         return F.linear(self.norm(h, self.final_norm.weight, self.final_norm.eps), self.head).float()
 
 
-def compile_or_eager(fn: Callable, fallback: Optional[Callable] = None) -> Callable:
-    """torch.compile(fn) (one fused kernel), or `fallback` (default: fn itself), with a notice, where
-    compilation fails.
+def compile_or_eager(fn: Callable) -> Callable:
+    """torch.compile(fn) (one fused kernel), or fn itself, with a notice, where compilation fails.
     Shapes are static at first and only the dimensions seen to change (rows, positions) become
     dynamic: feature sizes stay constants, so the kernels' index arithmetic needs no runtime division."""
     compiled = torch.compile(fn)
@@ -368,7 +340,7 @@ def compile_or_eager(fn: Callable, fallback: Optional[Callable] = None) -> Calla
             except Exception as err:  # no compiler toolchain, unsupported backend: eager kernels still work
                 state["failed"] = True
                 notice(f"torch.compile of {fn.__name__} failed ({type(err).__name__}); that step runs unfused")
-        return (fallback or fn)(*args)
+        return fn(*args)
 
     return call
 
