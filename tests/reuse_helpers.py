@@ -6,15 +6,15 @@ import functools
 import torch
 
 from fastdllm.cache import CACHES
-from fastdllm.generation import GENERATIONS
-from fastdllm.loop import ModelCall, generate
+from fastdllm.loop import ModelCall
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.reuse import REUSES
+from test_caches import GEN_LENGTH, PROMPTS, left_padded_call  # noqa: F401 (GEN_LENGTH: for the reuse tests)
+from test_caches import decode as decode_tiny
 
 FAMILIES = ["llada", "Dream"]
 CACHE_NAMES = ["none", "prefix", "dual"]
-PROMPTS = ["12+3=", "hello world, 7*8 is", "a", "The quick brown fox jumps over"]
-GEN_LENGTH, BLOCK_LENGTH, LAYERS = 16, 8, 4
+BLOCK_LENGTH, LAYERS = 8, 4
 
 
 @functools.cache
@@ -25,18 +25,9 @@ def tiny(family: str):
 
 
 def decode(family, reuse: dict, cache: str = "none", prompts=PROMPTS, seed=0, **generation):
-    model, tokenizer = tiny(family)
-    config = {"name": "vanilla", "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH} | generation
-    return generate(
-        model,
-        [tokenizer(p)["input_ids"] for p in prompts],
-        gen_length=GEN_LENGTH,
-        generation=GENERATIONS.build(config),
-        cache=CACHES.build({"name": cache}),
-        reuse=REUSES.build(reuse),
-        generators=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
-        stop_ids=[model.config.eos_token_id],
-    )
+    """A decode with this module's 4-layer tiny model, reuse and cache given by their configs."""
+    return decode_tiny(family, {"name": cache}, model=tiny(family), prompts=prompts, seed=seed, reuse=REUSES.build(reuse),
+                       block_length=BLOCK_LENGTH, **generation)
 
 
 @functools.cache
@@ -64,15 +55,4 @@ def steps_on_unchanged_tokens(family: str, cache: str, reuse: dict, steps: int =
 
 def partial_batch(family: str, reuse) -> tuple[ModelCall, int]:
     """A ModelCall over PROMPTS (left-padded) followed by GEN_LENGTH mask tokens, and the prompt length."""
-    model, tokenizer = tiny(family)
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    prompt_length = max(map(len, prompts))
-    length = prompt_length + GEN_LENGTH
-    tokens = torch.full((len(prompts), length), model.config.mask_token_id)
-    key_mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-    prompt_mask = torch.zeros_like(key_mask)
-    for i, prompt in enumerate(prompts):
-        start = prompt_length - len(prompt)
-        tokens[i, start:prompt_length] = torch.tensor(prompt)
-        key_mask[i, start:] = prompt_mask[i, start:prompt_length] = True
-    return ModelCall(model, tokens, key_mask, prompt_mask, 0.0, reuse), prompt_length
+    return left_padded_call(*tiny(family), reuse=reuse)

@@ -37,18 +37,21 @@ def tiny(family: str):
     return model.eval(), tokenizer
 
 
-def decode(family, cache: dict, **generation):
-    model, tokenizer = tiny(family)
+def decode(family, cache: dict, *, model=None, prompts=PROMPTS, seed=0, reuse=None, engine=None, **generation):
+    """Decode `prompts` with this module's tiny model of `family` (or `model`: (model, tokenizer));
+    `reuse`: a ReuseStrategy (default reuse=none); `engine`: engine=compiled's, None = eager."""
+    model, tokenizer = model or tiny(family)
     config = {"name": "vanilla", "gen_length": GEN_LENGTH, "block_length": 8} | generation
     return generate(
         model,
-        [tokenizer(p)["input_ids"] for p in PROMPTS],
+        [tokenizer(p)["input_ids"] for p in prompts],
         gen_length=GEN_LENGTH,
         generation=GENERATIONS.build(config),
         cache=CACHES.build(cache),
-        reuse=REUSES.build({"name": "none"}),
-        generators=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
+        reuse=reuse or REUSES.build({"name": "none"}),
+        generators=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
         stop_ids=[model.config.eos_token_id],
+        engine=engine,
     )
 
 
@@ -70,25 +73,35 @@ def test_refresh_every_step_equals_no_cache(family, cache, block_length, thresho
         assert max(max(c) for c in reference.committed_per_step) > 1
 
 
-def partly_decoded_call(family, cfg_scale=0.0, seed=3):
-    """A left-padded batch of PROMPTS whose response is half decoded (random tokens), as a
-    ModelCall, and the prompt length."""
-    model, tokenizer = tiny(family)
+def left_padded_call(model, tokenizer, responses=None, cfg_scale=0.0, reuse=None) -> tuple[ModelCall, int]:
+    """A ModelCall over PROMPTS, left-padded, each followed by its row of `responses` [B, GEN_LENGTH]
+    (default: all mask tokens), and the prompt length."""
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     prompt_length = max(map(len, prompts))
     length = prompt_length + GEN_LENGTH
+    # Padding holds the end token, as in the decode loop.
     tokens = torch.full((len(prompts), length), model.config.eos_token_id)
     key_mask = torch.zeros(len(prompts), length, dtype=torch.bool)
     prompt_mask = torch.zeros_like(key_mask)
-    generator = torch.Generator().manual_seed(seed)
     for i, prompt in enumerate(prompts):
         start = prompt_length - len(prompt)
         tokens[i, start:prompt_length] = torch.tensor(prompt)
         key_mask[i, start:] = prompt_mask[i, start:prompt_length] = True
+    tokens[:, prompt_length:] = model.config.mask_token_id if responses is None else responses
+    return ModelCall(model, tokens, key_mask, prompt_mask, cfg_scale, reuse or REUSES.build({"name": "none"})), prompt_length
+
+
+def partly_decoded_call(family, cfg_scale=0.0, seed=3):
+    """A left-padded batch of PROMPTS whose response is half decoded (random tokens), as a
+    ModelCall, and the prompt length."""
+    model, tokenizer = tiny(family)
+    generator = torch.Generator().manual_seed(seed)
+    responses = []
+    for _ in PROMPTS:
         response = torch.randint(len(tokenizer), (GEN_LENGTH,), generator=generator)
         masked = torch.rand(GEN_LENGTH, generator=generator) < 0.5
-        tokens[i, prompt_length:] = response.masked_fill(masked, model.config.mask_token_id)
-    return ModelCall(model, tokens, key_mask, prompt_mask, cfg_scale, REUSES.build({"name": "none"})), prompt_length
+        responses.append(response.masked_fill(masked, model.config.mask_token_id))
+    return left_padded_call(model, tokenizer, torch.stack(responses), cfg_scale)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,25 +16,12 @@ from fastdllm.models.tiny import build_tiny_model
 from fastdllm.reuse import REUSES
 from fastdllm.reuse.base import ReuseConfig, ReuseStrategy
 from fastdllm.reuse.layer import LayerReuseConfig
-from tests.test_caches import PROMPTS, tiny
+from test_caches import GEN_LENGTH, PROMPTS, tiny
+from test_caches import decode as decode_tiny
 
-GEN_LENGTH = 16
 
-
-def decode(family, cache, engine, reuse=None, **generation):
-    model, tokenizer = tiny(family)
-    config = {"name": "vanilla", "gen_length": GEN_LENGTH, "block_length": 8} | generation
-    return generate(
-        model,
-        [tokenizer(p)["input_ids"] for p in PROMPTS],
-        gen_length=GEN_LENGTH,
-        generation=GENERATIONS.build(config),
-        cache=CACHES.build({"name": cache}),
-        reuse=reuse or REUSES.build({"name": "none"}),
-        generators=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))],
-        stop_ids=[model.config.eos_token_id],
-        engine=engine,
-    )
+def decode(family, cache: str, engine, reuse=None, **generation):
+    return decode_tiny(family, {"name": cache}, engine=engine, reuse=reuse, **generation)
 
 
 @pytest.mark.parametrize("family", ["llada", "Dream"])
