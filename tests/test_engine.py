@@ -173,3 +173,32 @@ def test_forward_logits_match_eager(family, logits_for, per_query_mask):
     compiled = CompiledEngine(model).forward(ids, positions, key_mask, logits_for=logits_for)
     assert compiled.shape == eager.shape
     torch.testing.assert_close(compiled, eager.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_kernels_are_specialised_to_the_first_shapes_then_shared(monkeypatch):
+    """compile_or_eager: each of the first STATIC_SHAPES input shapes is compiled for itself (once, however
+    often it recurs); later shapes share one compilation with symbolic sizes; results are fn's throughout."""
+    import torch._dynamo
+
+    from fastdllm import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "STATIC_SHAPES", 3)
+    torch._dynamo.reset()
+    compiled_graphs = []
+
+    def backend(graph, example_inputs):
+        # A symbolic size arrives as an input of its own, beside the tensors.
+        compiled_graphs.append([tuple(x.shape) if isinstance(x, torch.Tensor) else "size" for x in example_inputs])
+        return graph.forward
+
+    def scale_and_shift(x, by):
+        return x * by + 1
+
+    fn = engine_module.compile_or_eager(scale_and_shift, backend=backend)
+    for n in (2, 3, 4, 2, 3, 4):
+        assert torch.equal(fn(torch.arange(n), 2), torch.arange(n) * 2 + 1)
+    assert compiled_graphs == [[(2,)], [(3,)], [(4,)]]
+    for n in (5, 6, 7, 8):
+        assert torch.equal(fn(torch.arange(n), 2), torch.arange(n) * 2 + 1)
+    # The later shapes: a compilation or two (as torch.compile learns which sizes change), never one per shape.
+    assert 1 <= len(compiled_graphs) - 3 <= 2 and "size" in compiled_graphs[-1]
