@@ -202,3 +202,26 @@ def test_compiled_kernels_are_specialised_to_the_first_shapes_then_shared(monkey
         assert torch.equal(fn(torch.arange(n), 2), torch.arange(n) * 2 + 1)
     # The later shapes: a compilation or two (as torch.compile learns which sizes change), never one per shape.
     assert 1 <= len(compiled_graphs) - 3 <= 2 and "size" in compiled_graphs[-1]
+
+
+def test_short_spans_at_small_batches_prefer_flash_attention_and_compute_the_same():
+    """On a GPU with few query tiles per multiprocessor, SDPA tries FlashAttention first; the forward's
+    logits stay eager's (CPU: the same choice, made as if the GPU had 64 multiprocessors)."""
+    from torch.nn.attention import SDPBackend
+
+    model, _ = tiny("llada")
+    engine = CompiledEngine(model)
+    assert engine.multiprocessors is None  # CPU: SDPA's own order
+    engine.multiprocessors = 64
+    heads = engine.blocks[0].heads
+    sdpa_order = torch._C._get_sdp_priority_order()
+    with engine._attention_backends(torch.zeros(1, heads, 8, 4)):
+        assert torch._C._get_sdp_priority_order()[:2] == [SDPBackend.FLASH_ATTENTION.value, SDPBackend.CUDNN_ATTENTION.value]
+    with engine._attention_backends(torch.zeros(64 // heads, heads, 8, 4)):  # as many tiles as multiprocessors
+        assert torch._C._get_sdp_priority_order() == sdpa_order
+    ids = torch.randint(0, model.config.vocab_size - 8, (2, 12))
+    positions = torch.arange(12).expand(2, -1)
+    with torch.no_grad():
+        eager = model(ids, positions, logits_for=slice(4, 8))
+        compiled = engine.forward(ids, positions, logits_for=slice(4, 8))
+    torch.testing.assert_close(compiled, eager.float(), rtol=1e-5, atol=1e-5)

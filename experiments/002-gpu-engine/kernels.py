@@ -2,8 +2,9 @@
 key/value write, the SiLU gate, and attention of a short query span, each against alternatives, timed as
 CUDA graphs of 32 calls (one per layer) so launch gaps do not count. The generated Triton code of the
 rotary kernel is printed with TORCH_LOGS=output_code. Run from the repository root:
-    python3 experiments/002-gpu-engine/kernels.py [attention]
-(`attention`: only SDPA's backends, each forced, at the spans a decode attends with.)
+    python3 experiments/002-gpu-engine/kernels.py [attention|products]
+(`attention`: only SDPA's backends, each forced, at the spans a decode attends with; `products`: only a
+layer's matrix products with the default BLAS library and with cuBLASLt.)
 """
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,24 @@ def attention_backends():
             print(line, flush=True)
 
 
+def products():
+    """A layer's matrix products (fused q/k/v, output, fused gate/up, down) at LLaDA-8B shapes, with the
+    BLAS library torch prefers by default and with cuBLASLt."""
+    width, ff = 4096, 12288
+    weights = [torch.randn(rows, cols, dtype=dtype, device=device) for rows, cols in
+               ((3 * width, width), (width, width), (2 * ff, width), (width, ff))]
+    for n in (32, 160, 768):
+        x, y = torch.randn(n, width, dtype=dtype, device=device), torch.randn(n, ff, dtype=dtype, device=device)
+        line = f"products of one layer, {n} positions:"
+        for library in ("default", "cublaslt"):
+            if library != "default":
+                torch.backends.cuda.preferred_blas_library(library)
+            each = [graph_us(lambda w=w: F.linear(y if w.shape[1] == ff else x, w)) for w in weights]
+            line += f" {library} " + " + ".join(f"{t:.1f}" for t in each) + f" = {sum(each):.1f} us;"
+        torch.backends.cuda.preferred_blas_library("default")
+        print(line, flush=True)
+
+
 def main():
     torch.manual_seed(0)
     for family, s in SHAPES.items():
@@ -169,4 +188,4 @@ def main():
 if __name__ == "__main__":
     import sys
 
-    attention_backends() if sys.argv[1:] == ["attention"] else main()
+    {"attention": attention_backends, "products": products}.get(sys.argv[1] if sys.argv[1:] else "", main)()
