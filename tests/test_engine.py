@@ -225,3 +225,18 @@ def test_short_spans_at_small_batches_prefer_flash_attention_and_compute_the_sam
         eager = model(ids, positions, logits_for=slice(4, 8))
         compiled = engine.forward(ids, positions, logits_for=slice(4, 8))
     torch.testing.assert_close(compiled, eager.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_few_positions_in_half_precision_multiply_with_cublaslt_then_restore_the_library():
+    from fastdllm.engine import FEW_POSITIONS
+
+    engine = CompiledEngine(tiny("llada")[0])
+    before = torch.backends.cuda.preferred_blas_library()
+    with engine._blas_library(8):  # CPU: nothing changes
+        assert torch.backends.cuda.preferred_blas_library() == before
+    engine.multiprocessors, engine.dtype = 64, torch.bfloat16  # as on a GPU, in half precision
+    with engine._blas_library(FEW_POSITIONS):
+        assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+    assert torch.backends.cuda.preferred_blas_library() == before
+    with engine._blas_library(FEW_POSITIONS + 1):
+        assert torch.backends.cuda.preferred_blas_library() == before
