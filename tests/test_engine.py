@@ -227,16 +227,24 @@ def test_short_spans_at_small_batches_prefer_flash_attention_and_compute_the_sam
     torch.testing.assert_close(compiled, eager.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_few_positions_in_half_precision_multiply_with_cublaslt_then_restore_the_library():
+def test_few_positions_in_half_precision_multiply_with_cublaslt_then_restore_the_library(monkeypatch):
+    """(A CPU build cannot switch to cuBLASLt: torch's switch is replaced by one that records the choice.)"""
     from fastdllm.engine import FEW_POSITIONS
 
+    library = ["cublas"]
+
+    def preferred_blas_library(backend=None):
+        if backend is not None:
+            library[0] = backend
+        return library[0]
+
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred_blas_library)
     engine = CompiledEngine(tiny("llada")[0])
-    before = torch.backends.cuda.preferred_blas_library()
     with engine._blas_library(8):  # CPU: nothing changes
-        assert torch.backends.cuda.preferred_blas_library() == before
+        assert library == ["cublas"]
     engine.multiprocessors, engine.dtype = 64, torch.bfloat16  # as on a GPU, in half precision
     with engine._blas_library(FEW_POSITIONS):
-        assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
-    assert torch.backends.cuda.preferred_blas_library() == before
+        assert library == ["cublaslt"]
+    assert library == ["cublas"]
     with engine._blas_library(FEW_POSITIONS + 1):
-        assert torch.backends.cuda.preferred_blas_library() == before
+        assert library == ["cublas"]
