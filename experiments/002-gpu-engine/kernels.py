@@ -1,7 +1,10 @@
 """The compiled engine's small kernels in isolation, at LLaDA-8B and Dream-7B shapes (bf16): rotary with the
 key/value write, the SiLU gate, and attention of a short query span, each against alternatives, timed as
 CUDA graphs of 32 calls (one per layer) so launch gaps do not count. The generated Triton code of the
-rotary kernel is printed with TORCH_LOGS=output_code. Run from the repository root:
+rotary kernel is printed when run with TORCH_LOGS=output_code. Each function is compiled once with torch.compile's
+defaults: the first shape it is called with gets kernels specialised to it, later shapes (and the Dream
+rows, whose head counts differ) kernels with symbolic sizes; kernels_dynamic.py separates the two.
+Run from the repository root:
     python3 experiments/002-gpu-engine/kernels.py [attention|products]
 (`attention`: only SDPA's backends, each forced, at the spans a decode attends with; `products`: only a
 layer's matrix products with the default BLAS library and with cuBLASLt.)
