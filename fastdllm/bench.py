@@ -43,6 +43,7 @@ from fastdllm.evaluate import decode_answer, encode_prompts
 from fastdllm.loop import BatchOutput, generate, stop_token_ids
 from fastdllm.models import load_model, load_tokenizer, resolve_checkpoint
 from fastdllm.models.base import MODEL_FAMILIES, DiffusionLM
+from fastdllm.models.tiny import random_model
 from fastdllm.registry import ConfigError, check
 from fastdllm.reuse import REUSES
 from fastdllm.tasks import TASKS
@@ -120,16 +121,7 @@ class Workload:
 def random_workload(cfg: BenchConfig, count: int, gen_length: int, dtype: torch.dtype, device: torch.device) -> Workload:
     family = MODEL_FAMILIES[cfg.family]
     config = family.config_class(**(cfg.sizes or {}))
-    # Built without allocating, then materialised in the target dtype on the device and initialised
-    # there: peak memory is the model itself, and an 8B model takes seconds.
-    with torch.device("meta"):
-        model = family(config)
-    model = model.to(dtype).to_empty(device=device)
-    torch.manual_seed(cfg.seed)
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    model = model.eval().requires_grad_(False)
+    model = random_model(family, config, dtype, device, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(config.vocab_size, (count, cfg.prompt_length), generator=generator)
     ids = ids.masked_fill(ids == config.mask_token_id, config.eos_token_id)

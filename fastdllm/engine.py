@@ -181,9 +181,10 @@ class CompiledEngine:
         self.device, self.dtype = self.embedding.device, self.embedding.dtype
         on_gpu = self.device.type == "cuda"
         self.graphs = on_gpu
-        wrap = compile_or_eager if on_gpu else (lambda fn: fn)
+        wrap = compile_or_eager if on_gpu else (lambda fn, **_: fn)
         self.norm, self.add_norm, self.gate = wrap(rms_norm), wrap(add_rms_norm), wrap(silu_gate)
-        self.rotate, self.rotate_into = wrap(rotate_qkv), wrap(rotate_qkv_into)
+        # rotate_qkv_into's keys/values (arguments 5, 6) span the whole sequence: their length stays symbolic.
+        self.rotate, self.rotate_into = wrap(rotate_qkv), wrap(rotate_qkv_into, lengths={5: 2, 6: 2})
         self.rotary = wrap(rotary_cos_sin)
         self.multiprocessors = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else None
         # The memory pool the graphs share (they replay one at a time), set by the first capture.
@@ -366,35 +367,52 @@ class CompiledEngine:
         return F.linear(self.norm(h, self.final_norm.weight, self.final_norm.eps), self.head).float()
 
 
-def compile_or_eager(fn: Callable, backend: str | Callable = "inductor") -> Callable:
+def compile_or_eager(fn: Callable, backend: str | Callable = "inductor", lengths: Optional[dict[int, int]] = None
+                     ) -> Callable:
     """torch.compile(fn) (one fused kernel), or fn itself, with a notice, where compilation fails.
     A decode repeats a few shapes many times: each of the first STATIC_SHAPES distinct input shapes gets
     kernels specialised to it. Later shapes (an evaluation's batches of ever new lengths) share kernels
     compiled with the dimensions seen to change (rows, positions) symbolic, so they cost no further
-    compilation; feature sizes stay constants there too, so no index arithmetic divides at runtime."""
-    static = torch.compile(fn, dynamic=False, backend=backend)
-    # A copy with its own code object: torch.compile keeps compiled variants, and counts them against
+    compilation; feature sizes stay constants there too, so no index arithmetic divides at runtime.
+    `lengths` {argument index: dimension}: dimensions that are the whole sequence's length (key/value
+    buffers), symbolic in the specialised kernels too, so that a span's kernels serve every prompt length."""
+    lengths = lengths or {}
+    # Copies with their own code objects: torch.compile keeps compiled variants, and counts them against
     # its recompilation limit, per code object.
-    dynamic = torch.compile(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                               fn.__closure__), backend=backend)
+    specialised, shared = (torch.compile(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                                            fn.__defaults__, fn.__closure__), backend=backend)
+                           for _ in range(2))
     static_shapes: set[tuple] = set()
     state = {"failed": False}
 
     def call(*args):
         if not state["failed"]:
-            shape = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+            shape = tuple((tuple(None if d == lengths.get(i) else size for d, size in enumerate(a.shape)), a.dtype)
+                          if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
             try:
                 if shape in static_shapes or len(static_shapes) < STATIC_SHAPES:
                     static_shapes.add(shape)
+                    for i, a in enumerate(args):
+                        if isinstance(a, torch.Tensor):
+                            fix_sizes(a, lengths.get(i))
                     with torch._dynamo.config.patch(recompile_limit=2 * STATIC_SHAPES):
-                        return static(*args)
-                return dynamic(*args)
+                        return specialised(*args)
+                return shared(*args)
             except Exception as err:  # no compiler toolchain, unsupported backend: eager kernels still work
                 state["failed"] = True
                 notice(f"torch.compile of {fn.__name__} failed ({type(err).__name__}); that step runs unfused")
         return fn(*args)
 
     return call
+
+
+def fix_sizes(tensor: torch.Tensor, length_dim: Optional[int]) -> None:
+    """Have torch.compile treat every size of `tensor` as a constant, but dimension `length_dim` as symbolic."""
+    for dim in range(tensor.dim()):
+        if dim == length_dim:
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        else:
+            torch._dynamo.mark_static(tensor, dim)
 
 
 def build_engine(name: str, model: DiffusionLM) -> Optional[CompiledEngine]:

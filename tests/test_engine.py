@@ -177,7 +177,8 @@ def test_forward_logits_match_eager(family, logits_for, per_query_mask):
 
 def test_compiled_kernels_are_specialised_to_the_first_shapes_then_shared(monkeypatch):
     """compile_or_eager: each of the first STATIC_SHAPES input shapes is compiled for itself (once, however
-    often it recurs); later shapes share one compilation with symbolic sizes; results are fn's throughout."""
+    often it recurs, and whatever the length of a whole-sequence buffer); later shapes share one
+    compilation with symbolic sizes; results are fn's throughout."""
     import torch._dynamo
 
     from fastdllm import engine as engine_module
@@ -191,17 +192,26 @@ def test_compiled_kernels_are_specialised_to_the_first_shapes_then_shared(monkey
         compiled_graphs.append([tuple(x.shape) if isinstance(x, torch.Tensor) else "size" for x in example_inputs])
         return graph.forward
 
-    def scale_and_shift(x, by):
-        return x * by + 1
+    def write_and_shift(x, by, buffer, index):
+        buffer.index_copy_(0, index, x * by)
+        return x + 1
 
-    fn = engine_module.compile_or_eager(scale_and_shift, backend=backend)
-    for n in (2, 3, 4, 2, 3, 4):
-        assert torch.equal(fn(torch.arange(n), 2), torch.arange(n) * 2 + 1)
-    assert compiled_graphs == [[(2,)], [(3,)], [(4,)]]
+    fn = engine_module.compile_or_eager(write_and_shift, backend=backend, lengths={2: 0})
+
+    def check(n, length):
+        buffer = torch.zeros(length, dtype=torch.long)
+        assert torch.equal(fn(torch.arange(n), 2, buffer, torch.arange(n)), torch.arange(n) + 1)
+        assert torch.equal(buffer[:n], torch.arange(n) * 2) and not buffer[n:].any()
+
+    for n, length in ((2, 10), (3, 10), (4, 10), (2, 12), (3, 14), (4, 16)):
+        check(n, length)
+    # One specialised compilation per number of positions n, the buffer's length symbolic in each.
+    assert [inputs[1:] for inputs in compiled_graphs] == [[(10,), (2,), (2,)], [(10,), (3,), (3,)], [(10,), (4,), (4,)]]
+    assert all(inputs[0] == "size" for inputs in compiled_graphs)
     for n in (5, 6, 7, 8):
-        assert torch.equal(fn(torch.arange(n), 2), torch.arange(n) * 2 + 1)
+        check(n, 20)
     # The later shapes: a compilation or two (as torch.compile learns which sizes change), never one per shape.
-    assert 1 <= len(compiled_graphs) - 3 <= 2 and "size" in compiled_graphs[-1]
+    assert 1 <= len(compiled_graphs) - 3 <= 2
 
 
 def test_short_spans_at_small_batches_prefer_flash_attention_and_compute_the_same():

@@ -94,3 +94,32 @@ def test_missing_model_path_names_the_path(tmp_path):
         resolve_checkpoint(str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match="without config.json"):
         resolve_checkpoint(str(tmp_path))
+
+
+def test_random_model_at_a_released_vocabulary_round_trips_with_a_padded_tokenizer(tmp_path):
+    """What experiments/007-multi-gpu/save_random_checkpoint.py saves, at small widths: a random model in
+    bf16 whose character tokenizer is padded to the model's vocabulary, so every predicted id decodes."""
+    import dataclasses
+
+    from fastdllm.models.llada import LLaDAConfig, LLaDAModelLM
+    from fastdllm.models.tiny import build_char_tokenizer, random_model
+
+    vocab = 4096
+    tokenizer = build_char_tokenizer("llada", vocab_size=vocab)
+    plain = build_char_tokenizer("llada")
+    assert len(tokenizer) == vocab and len(plain) < vocab
+    assert tokenizer.decode([vocab - 1]) == f"<|reserved_{vocab - len(plain) - 1}|>"
+    assert tokenizer("12 + 30 =")["input_ids"] == plain("12 + 30 =")["input_ids"]
+    with pytest.raises(ValueError, match="vocab_size=8"):
+        build_char_tokenizer("llada", vocab_size=8)
+
+    config = dataclasses.replace(LLaDAConfig.tiny(vocab_size=vocab), mask_token_id=tokenizer.mask_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = random_model(LLaDAModelLM, config, torch.bfloat16, "cpu", seed=3)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    again = random_model(LLaDAModelLM, config, torch.bfloat16, "cpu", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    save_checkpoint(model, tmp_path, tokenizer)
+    loaded = load_model(tmp_path, torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert len(load_tokenizer(tmp_path)) == vocab

@@ -12,17 +12,12 @@ from fastdllm.cache.kv import SequenceKV
 from fastdllm.engine import CompiledEngine
 from fastdllm.generation import GENERATIONS
 from fastdllm.models.base import MODEL_FAMILIES
+from fastdllm.models.tiny import random_model
 
 family = MODEL_FAMILIES[sys.argv[1] if len(sys.argv) > 1 else "llada"]
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 device, dtype, length, block = torch.device("cuda"), torch.bfloat16, 768, 32
-with torch.device("meta"):
-    model = family(family.config_class())
-model = model.to(dtype).to_empty(device=device)
-for module in model.modules():
-    if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
-model.eval().requires_grad_(False)
+model = random_model(family, family.config_class(), dtype, device)
 engine = CompiledEngine(model)
 ids = torch.randint(1000, (batch, length), device=device)
 positions = torch.arange(length, device=device).expand(batch, -1)

@@ -1,4 +1,5 @@
-"""Tiny models of each family, saved in the official layout: for tests, and as the start of training.
+"""Tiny models of each family, saved in the official layout: for tests, and as the start of training;
+and randomly initialised models of any size (benchmarks, experiments).
 
 The tokenizer is character-level (built with the `tokenizers` library) and carries the family's
 special tokens and chat template, so the loaders and prompts treat it exactly like a released one.
@@ -57,9 +58,17 @@ TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_char_tokenizer(model_type: str) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(model_type: str, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """The family's special tokens and the characters of ALPHABET; with `vocab_size`, padded with reserved
+    tokens to that many ids, so that a random model of a released vocabulary decodes every id it predicts
+    (as text nothing encodes to)."""
     spec = TOKENIZER_SPECS[model_type]
-    vocab = {token: i for i, token in enumerate(spec["special"] + ["<unk>"] + list(ALPHABET))}
+    tokens = spec["special"] + ["<unk>"] + list(ALPHABET)
+    if vocab_size is not None:
+        if vocab_size < len(tokens):
+            raise ValueError(f"vocab_size={vocab_size}: the {model_type} character tokenizer needs at least {len(tokens)} ids")
+        tokens += [f"<|reserved_{i}|>" for i in range(vocab_size - len(tokens))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -81,6 +90,21 @@ def init_weights(model: DiffusionLM, std: float = 0.02, seed: int = 0) -> Diffus
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model
+
+
+def random_model(family: type[DiffusionLM], config: Any, dtype: torch.dtype, device: torch.device | str,
+                 seed: int = 0) -> DiffusionLM:
+    """A model of any size with PyTorch's default initialisation, built without allocating and then
+    materialised in `dtype` on `device` and initialised there: peak memory is the model itself, and an
+    8B model takes seconds on a GPU (the benchmark's random weights)."""
+    with torch.device("meta"):
+        model = family(config)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model.eval().requires_grad_(False)
 
 
 def build_tiny_model(model_type: str, directory: str | Path | None = None, seed: int = 0, std: float = 0.02, **sizes: Any):
