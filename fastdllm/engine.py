@@ -15,10 +15,10 @@ launching ~1,500 small kernels rather than by reading the weights:
   preallocated [rows, length, width] buffer per layer, written in place at the computed positions by
   the forwards that compute them;
 - RMSNorm with its residual add, rotary embedding and the SiLU gate are compiled (torch.compile) into
-  one kernel each;
+  one kernel each, first with symbolic sizes, specialised to the shape once a forward shape recurs;
 - each forward shape (rows, span, logits, padding or not, key/value buffers, layers skipped or
-  recorded) is captured once as a CUDA graph and then replayed: one launch per forward, no host work
-  per layer.
+  recorded) is captured as a CUDA graph (again when its kernels are specialised) and then replayed: one
+  launch per forward, no host work per layer.
 On a CPU it runs the same restructured code without compilation or graphs (what the CPU tests check
 against eager). `auto` is `compiled` on CUDA and `eager` elsewhere.
 
@@ -31,7 +31,9 @@ rules a strategy follows to stay on the fast path are written in cache/base.py a
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import sys
 import types
 import weakref
@@ -48,9 +50,17 @@ from fastdllm.reuse.base import ReusedLayers
 _NOTICES: set[str] = set()
 # Captured forward shapes kept at most (a prefix cache at 512 + 256 tokens uses 9 per batch shape).
 MAX_GRAPHS = 32
-# Distinct input shapes per compiled function with kernels specialised to them (see compile_or_eager):
-# measured at LLaDA-8B shapes, up to 2x faster than kernels with symbolic rows and positions.
+# Kernels specialised to a forward's shapes (see compile_or_eager) run the small kernels up to 2x faster
+# than kernels with symbolic rows and positions (LLaDA-8B shapes), but each new shape costs a compilation
+# (3-5 s per batch of new length, measured in an evaluation). So a forward is first captured with the
+# shared symbolic kernels and recaptured with specialised ones once its shape has been replayed
+# SPECIALISE_AFTER times, across batches: a dual or prefix span (the same shape in every batch, whatever
+# its prompt length) soon is, a batch's full-sequence forwards (a new length per batch, one replay per
+# block) are not unless their length recurs. At most STATIC_SHAPES shapes per kernel are specialised.
+SPECIALISE_AFTER = 16
 STATIC_SHAPES = 32
+# Set while a forward is captured with specialised kernels (read by compile_or_eager's kernels).
+_SPECIALISED = contextvars.ContextVar("specialised_kernels", default=False)
 # Positions (rows x span) up to which a half-precision forward's matrix products use cuBLASLt (see _blas_library).
 FEW_POSITIONS = 160
 
@@ -145,8 +155,17 @@ def fuse_rows(linears: list[torch.nn.Linear], name: str) -> torch.Tensor:
 class CapturedForward:
     """One forward shape as a CUDA graph: static input tensors, copied into before each replay."""
 
-    def __init__(self, run: Callable[..., torch.Tensor], inputs: dict[str, Optional[torch.Tensor]], pool):
-        self.run = run
+    def __init__(self, run: Callable[..., torch.Tensor], inputs: dict[str, Optional[torch.Tensor]], pool,
+                 specialised: bool = False):
+        self.run, self.specialised = run, specialised
+        token = _SPECIALISED.set(specialised)
+        try:
+            self._capture(inputs, pool)
+        finally:
+            _SPECIALISED.reset(token)
+
+    def _capture(self, inputs: dict[str, Optional[torch.Tensor]], pool) -> None:
+        run = self.run
         self.static = {name: None if t is None else t.clone() for name, t in inputs.items()}
         # Warm up off the capture (compilation, kernel selection, library workspaces), as CUDA graphs require.
         stream = torch.cuda.Stream()
@@ -190,6 +209,9 @@ class CompiledEngine:
         # The memory pool the graphs share (they replay one at a time), set by the first capture.
         self.pool = None
         self.captured: dict[tuple, CapturedForward] = {}
+        # Replays per forward shape (across batches), and how many make it worth specialised kernels.
+        self.replays: collections.Counter[tuple] = collections.Counter()
+        self.specialise_after = SPECIALISE_AFTER
         self.kv: dict[tuple[int, int], StaticKV] = {}
         # Per (rows, length): each reused layer's contribution (output minus input) [rows, length, width].
         self.contributions: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
@@ -266,15 +288,20 @@ class CompiledEngine:
 
         if not self.graphs:
             return run(**inputs)
-        key = (rows, n, last - first, None if key_mask is None else tuple(key_mask.shape), fresh is None,
-               None if buffers is None else id(buffers), reused)
-        if key not in self.captured:
-            if len(self.captured) >= MAX_GRAPHS:  # shapes that never repeat (cache=none over varied lengths)
+        # The shape leaves out the sequence length (of the mask's keys, of the buffers: symbolic in the
+        # specialised kernels), so a span's shape recurs across batches of any prompt length.
+        shape = (rows, n, last - first, None if key_mask is None else tuple(key_mask.shape[:-1]), fresh is None, reused)
+        key = shape + (None if key_mask is None else key_mask.shape[-1], None if buffers is None else id(buffers))
+        self.replays[shape] += 1
+        hot = self.replays[shape] >= self.specialise_after
+        captured = self.captured.get(key)
+        if captured is None or (hot and not captured.specialised):
+            if captured is None and len(self.captured) >= MAX_GRAPHS:  # shapes that never repeat (cache=none over varied lengths)
                 self.captured.clear()
                 self.pool = None
-            self.captured[key] = CapturedForward(run, inputs, self.pool)
-            self.pool = self.captured[key].pool
-        return self.captured[key](inputs)
+            captured = self.captured[key] = CapturedForward(run, inputs, self.pool, specialised=hot)
+            self.pool = captured.pool
+        return captured(inputs)
 
     def _batch_shape(self, key: tuple[int, int]) -> None:
         """One batch shape (rows, length) at a time (an evaluation's batches differ in length): the
@@ -370,10 +397,10 @@ class CompiledEngine:
 def compile_or_eager(fn: Callable, backend: str | Callable = "inductor", lengths: Optional[dict[int, int]] = None
                      ) -> Callable:
     """torch.compile(fn) (one fused kernel), or fn itself, with a notice, where compilation fails.
-    A decode repeats a few shapes many times: each of the first STATIC_SHAPES distinct input shapes gets
-    kernels specialised to it. Later shapes (an evaluation's batches of ever new lengths) share kernels
-    compiled with the dimensions seen to change (rows, positions) symbolic, so they cost no further
-    compilation; feature sizes stay constants there too, so no index arithmetic divides at runtime.
+    Two compilations: shared kernels, with the dimensions seen to change (rows, positions) symbolic, serve
+    any shape without further compilation; kernels specialised to each input shape are used while
+    _SPECIALISED is set (a forward replayed often enough, see SPECIALISE_AFTER), for at most STATIC_SHAPES
+    shapes. Feature sizes stay constants in both, so no index arithmetic divides at runtime.
     `lengths` {argument index: dimension}: dimensions that are the whole sequence's length (key/value
     buffers), symbolic in the specialised kernels too, so that a span's kernels serve every prompt length."""
     lengths = lengths or {}
@@ -390,7 +417,7 @@ def compile_or_eager(fn: Callable, backend: str | Callable = "inductor", lengths
             shape = tuple((tuple(None if d == lengths.get(i) else size for d, size in enumerate(a.shape)), a.dtype)
                           if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
             try:
-                if shape in static_shapes or len(static_shapes) < STATIC_SHAPES:
+                if _SPECIALISED.get() and (shape in static_shapes or len(static_shapes) < STATIC_SHAPES):
                     static_shapes.add(shape)
                     for i, a in enumerate(args):
                         if isinstance(a, torch.Tensor):

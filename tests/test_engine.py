@@ -176,9 +176,10 @@ def test_forward_logits_match_eager(family, logits_for, per_query_mask):
 
 
 def test_compiled_kernels_are_specialised_to_the_first_shapes_then_shared(monkeypatch):
-    """compile_or_eager: each of the first STATIC_SHAPES input shapes is compiled for itself (once, however
-    often it recurs, and whatever the length of a whole-sequence buffer); later shapes share one
-    compilation with symbolic sizes; results are fn's throughout."""
+    """compile_or_eager: while specialising, each of the first STATIC_SHAPES input shapes is compiled for
+    itself (once, however often it recurs, and whatever the length of a whole-sequence buffer); later
+    shapes, and every call outside specialising, share one compilation with symbolic sizes; results are
+    fn's throughout."""
     import torch._dynamo
 
     from fastdllm import engine as engine_module
@@ -203,14 +204,20 @@ def test_compiled_kernels_are_specialised_to_the_first_shapes_then_shared(monkey
         assert torch.equal(fn(torch.arange(n), 2, buffer, torch.arange(n)), torch.arange(n) + 1)
         assert torch.equal(buffer[:n], torch.arange(n) * 2) and not buffer[n:].any()
 
-    for n, length in ((2, 10), (3, 10), (4, 10), (2, 12), (3, 14), (4, 16)):
-        check(n, length)
-    # One specialised compilation per number of positions n, the buffer's length symbolic in each.
-    assert [inputs[1:] for inputs in compiled_graphs] == [[(10,), (2,), (2,)], [(10,), (3,), (3,)], [(10,), (4,), (4,)]]
-    assert all(inputs[0] == "size" for inputs in compiled_graphs)
-    for n in (5, 6, 7, 8):
+    token = engine_module._SPECIALISED.set(True)  # as while a recurring forward is captured
+    try:
+        for n, length in ((2, 10), (3, 10), (4, 10), (2, 12), (3, 14), (4, 16)):
+            check(n, length)
+        # One specialised compilation per number of positions n, the buffer's length symbolic in each.
+        assert [inputs[1:] for inputs in compiled_graphs] == [[(10,), (2,), (2,)], [(10,), (3,), (3,)], [(10,), (4,), (4,)]]
+        assert all(inputs[0] == "size" for inputs in compiled_graphs)
+        for n in (5, 6, 7, 8):  # past STATIC_SHAPES: the shared kernels
+            check(n, 20)
+    finally:
+        engine_module._SPECIALISED.reset(token)
+    for n in (2, 9, 10):  # not specialising: the shared kernels, whatever the shape
         check(n, 20)
-    # The later shapes: a compilation or two (as torch.compile learns which sizes change), never one per shape.
+    # The shared kernels: a compilation or two (as torch.compile learns which sizes change), never one per shape.
     assert 1 <= len(compiled_graphs) - 3 <= 2
 
 
@@ -258,3 +265,39 @@ def test_few_positions_in_half_precision_multiply_with_cublaslt_then_restore_the
     assert library == ["cublas"]
     with engine._blas_library(FEW_POSITIONS + 1):
         assert library == ["cublas"]
+
+
+def test_forward_shapes_replayed_often_get_specialised_kernels_then_keep_them(monkeypatch):
+    """With graphs (simulated on the CPU: a capture runs the forward directly), a forward shape is first
+    captured with shared kernels and recaptured with specialised ones at its specialise_after-th replay;
+    a later decode captures that shape with specialised kernels at once. Tokens stay eager's."""
+    from fastdllm import engine as engine_module
+
+    captures = []
+
+    class Capture:
+        def __init__(self, run, inputs, pool, specialised=False):
+            self.run, self.specialised, self.pool = run, specialised, None
+            captures.append(specialised)
+
+        def __call__(self, inputs):
+            return self.run(**inputs)
+
+    monkeypatch.setattr(engine_module, "CapturedForward", Capture)
+    model, _ = tiny("llada")
+    engine = CompiledEngine(model)
+    engine.graphs, engine.specialise_after = True, 3
+    # GEN_LENGTH 16 in blocks of 8, one token per step: per block one full forward and 7 span forwards.
+    compiled = decode("llada", "dual", engine, steps=16)
+    eager = decode("llada", "dual", None, steps=16)
+    assert torch.equal(compiled.responses, eager.responses)
+    # Span: shared kernels, then specialised at its third replay; full forward: 2 replays, shared only.
+    assert sorted(captures) == [False, False, True]
+    assert max(engine.replays.values()) == 14 and min(engine.replays.values()) == 2
+    # A new batch of another length: new graphs. The span's shape recurs (the length is not part of it):
+    # specialised at once; the full forward's is new: shared kernels, and 2 replays leave it so.
+    captures.clear()
+    prompts = PROMPTS[:3] + [PROMPTS[3] + " and then some more"]
+    compiled = decode("llada", "dual", engine, steps=16, prompts=prompts)
+    assert torch.equal(compiled.responses, decode("llada", "dual", None, steps=16, prompts=prompts).responses)
+    assert sorted(captures) == [False, True]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdllm import engine
-from fastdllm.models.layers import apply_rotary, rotary_cos_sin
+from fastdllm.models.layers import rotary_cos_sin
 
 device, dtype = torch.device("cuda"), torch.bfloat16
 LAYERS = 32
@@ -123,7 +123,7 @@ def attention_backends():
                     with sdpa_kernel(backend):
                         us = graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa))
                     line += f", {backend.name} {us:.1f} us"
-                except RuntimeError as error:
+                except RuntimeError:
                     line += f", {backend.name} n/a"
             print(line, flush=True)
 

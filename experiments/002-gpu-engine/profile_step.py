@@ -74,6 +74,6 @@ for n in (block, length):
         try:
             with sdpa_kernel(backend):
                 times.append(f"{backend.name} {1000 * timed(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=heads != k.shape[1]), 50) * 1000:.1f} us")
-        except RuntimeError as err:
+        except RuntimeError:
             times.append(f"{backend.name} n/a")
     print(f"attention, {n} queries over {length} keys: " + ", ".join(times))
