@@ -1,8 +1,9 @@
 """The runs of run_two_gpus.sh side by side: python3 experiments/007-multi-gpu/compare_runs.py OUT_DIR.
 Per run: samples, distinct ids, outputs equal to the one-GPU run of the same cache and batch size,
 tokens/s (all gen_length tokens) per process and summed over the processes, which decode concurrently,
-and that sum against the one-GPU run. Throughput leaves out each process's first batch, whose time
-includes compilation and graph capture (shorter for whichever run finds the compiler's disk cache warm)."""
+and that sum against the one-GPU run. Throughput leaves out each process's first batch (unless it is
+its only one), whose time includes compilation and graph capture (shorter for whichever run finds the
+compiler's disk cache warm)."""
 import json
 import sys
 from collections import defaultdict
@@ -24,7 +25,7 @@ def tokens_per_s_by_process(rows, gen_length, batch_size):
         by_process[row["process"]].append(row)
     speeds = {}
     for process, own in sorted(by_process.items()):
-        counted = own[batch_size:]
+        counted = own[batch_size:] or own  # a single batch: counted, compilation included
         seconds = sum(row["latency_s"] / row["batch_size"] for row in counted)  # a sample's share of its batch
         speeds[process] = len(counted) * gen_length / seconds if seconds else float("nan")
     return speeds
