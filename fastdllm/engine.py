@@ -412,13 +412,19 @@ def compile_or_eager(fn: Callable, backend: str | Callable = "inductor", lengths
     static_shapes: set[tuple] = set()
     state = {"failed": False}
 
+    def specialisable(args) -> bool:
+        """Whether these arguments' shape has, or may still get, specialised kernels (then it counts)."""
+        shape = tuple((tuple(None if d == lengths.get(i) else size for d, size in enumerate(a.shape)), a.dtype)
+                      if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+        if shape not in static_shapes and len(static_shapes) >= STATIC_SHAPES:
+            return False
+        static_shapes.add(shape)
+        return True
+
     def call(*args):
         if not state["failed"]:
-            shape = tuple((tuple(None if d == lengths.get(i) else size for d, size in enumerate(a.shape)), a.dtype)
-                          if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
             try:
-                if _SPECIALISED.get() and (shape in static_shapes or len(static_shapes) < STATIC_SHAPES):
-                    static_shapes.add(shape)
+                if _SPECIALISED.get() and specialisable(args):
                     for i, a in enumerate(args):
                         if isinstance(a, torch.Tensor):
                             fix_sizes(a, lengths.get(i))

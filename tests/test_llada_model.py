@@ -102,7 +102,7 @@ def test_random_model_at_a_released_vocabulary_round_trips_with_a_padded_tokeniz
     import dataclasses
 
     from fastdllm.models.llada import LLaDAConfig, LLaDAModelLM
-    from fastdllm.models.tiny import build_char_tokenizer, random_model
+    from fastdllm.models.tiny import build_char_tokenizer, random_model, special_token_ids
 
     vocab = 4096
     tokenizer = build_char_tokenizer("llada", vocab_size=vocab)
@@ -113,8 +113,10 @@ def test_random_model_at_a_released_vocabulary_round_trips_with_a_padded_tokeniz
     with pytest.raises(ValueError, match="vocab_size=8"):
         build_char_tokenizer("llada", vocab_size=8)
 
-    config = dataclasses.replace(LLaDAConfig.tiny(vocab_size=vocab), mask_token_id=tokenizer.mask_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = special_token_ids("llada", tokenizer)
+    assert ids == {"mask_token_id": tokenizer.mask_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id}
+    config = dataclasses.replace(LLaDAConfig.tiny(vocab_size=vocab), **ids)
     model = random_model(LLaDAModelLM, config, torch.bfloat16, "cpu", seed=3)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     again = random_model(LLaDAModelLM, config, torch.bfloat16, "cpu", seed=3)

@@ -11,16 +11,14 @@ import torch
 
 from fastdllm.models.base import MODEL_FAMILIES
 from fastdllm.models.loading import save_checkpoint
-from fastdllm.models.tiny import TOKENIZER_SPECS, build_char_tokenizer, random_model
+from fastdllm.models.tiny import build_char_tokenizer, random_model, special_token_ids
 
 directory, family_name = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "llada"
 overrides = {key: int(value) for key, value in (arg.split("=", 1) for arg in sys.argv[3:])}
 family = MODEL_FAMILIES[family_name]
 config = family.config_class(**overrides)
 tokenizer = build_char_tokenizer(family_name, vocab_size=config.vocab_size)
-roles = TOKENIZER_SPECS[family_name]["roles"]
-config = dataclasses.replace(config, **{f"{role.removesuffix('_token')}_token_id": tokenizer.convert_tokens_to_ids(roles[role])
-                                        for role in ("mask_token", "eos_token", "pad_token")})
+config = dataclasses.replace(config, **special_token_ids(family_name, tokenizer))
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model = random_model(family, config, torch.bfloat16, device)
 save_checkpoint(model, directory, tokenizer)

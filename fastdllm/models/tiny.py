@@ -78,6 +78,12 @@ def build_char_tokenizer(model_type: str, vocab_size: int | None = None) -> PreT
     return tokenizer
 
 
+def special_token_ids(model_type: str, tokenizer) -> dict[str, int]:
+    """The config fields that name the character tokenizer's mask, end and padding tokens."""
+    roles = TOKENIZER_SPECS[model_type]["roles"]
+    return {f"{role}_id": tokenizer.convert_tokens_to_ids(roles[role]) for role in ("mask_token", "eos_token", "pad_token")}
+
+
 def init_weights(model: DiffusionLM, std: float = 0.02, seed: int = 0) -> DiffusionLM:
     """GPT-style initialisation: normal(0, std) matrices, unit norm weights, zero biases."""
     generator = torch.Generator().manual_seed(seed)
@@ -112,14 +118,7 @@ def build_tiny_model(model_type: str, directory: str | Path | None = None, seed:
     official layout when `directory` is given. `sizes` override the family config's fields."""
     tokenizer = build_char_tokenizer(model_type)
     family = MODEL_FAMILIES[model_type]
-    ids = {role: tokenizer.convert_tokens_to_ids(tok) for role, tok in TOKENIZER_SPECS[model_type]["roles"].items()}
-    config = family.config_class.tiny(
-        vocab_size=len(tokenizer),
-        mask_token_id=ids["mask_token"],
-        eos_token_id=ids["eos_token"],
-        pad_token_id=ids["pad_token"],
-        **sizes,
-    )
+    config = family.config_class.tiny(vocab_size=len(tokenizer), **special_token_ids(model_type, tokenizer), **sizes)
     model = init_weights(family(config), std=std, seed=seed)
     if directory is not None:
         save_checkpoint(model, directory, tokenizer)
