@@ -24,7 +24,7 @@ against eager). `auto` is `compiled` on CUDA and `eager` elsewhere.
 
 A forward runs eager instead, with a one-line notice, where the fast path cannot honour it: a reuse
 strategy that decides per layer on the host (`runs_compiled()` false: it overrides `run_layer`, e.g.
-reuse=layer with adaptive_tolerance), a key/value cache other than cache.kv.SequenceKV, or a family
+reuse=layer with adaptive_tolerance), a key/value cache other than models.kv.SequenceKV, or a family
 whose model or block forward is not the one this engine re-implements (see `unsupported`); a forward
 with a position hook (reuse=trim|activation, cache=dllm|d2cache) runs eager, without a notice. The
 rules a strategy follows to stay on the fast path are written in cache/base.py and reuse/base.py.
@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdllm.models.base import DiffusionLM
-from fastdllm.models.layers import KVCache, apply_rotary, attention, rotary_cos_sin
-from fastdllm.reuse.base import ReusedLayers
+from fastdllm.models.kv import SequenceKV, StaticKV
+from fastdllm.models.layers import KVCache, ReusedLayers, apply_rotary, attention, rotary_cos_sin
 
 _NOTICES: set[str] = set()
 # Captured forward shapes kept at most (a prefix cache at 512 + 256 tokens uses 9 per batch shape).
@@ -112,16 +112,6 @@ def rotate_qkv_into(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hea
 def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-class StaticKV:
-    """Preallocated [rows, kv_heads, length, head_dim] key and value buffers per layer; a forward
-    writes its keys/values at the positions it computes and attends to the whole buffers."""
-
-    def __init__(self, layers: int, rows: int, kv_heads: int, length: int, head_dim: int, dtype, device):
-        shape = (rows, kv_heads, length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
 
 class FusedBlock:
@@ -255,11 +245,9 @@ class CompiledEngine:
         self.pool = None
 
     def supports(self, kv_cache: Optional[KVCache]) -> bool:
-        from fastdllm.cache.kv import SequenceKV
-
         if kv_cache is None or type(kv_cache) is SequenceKV:
             return True
-        notice(f"key/value cache {type(kv_cache).__name__} is not cache.kv.SequenceKV; its forwards run eager")
+        notice(f"key/value cache {type(kv_cache).__name__} is not models.kv.SequenceKV; its forwards run eager")
         return False
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: Optional[torch.Tensor] = None,

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from fastdllm.cache import CACHES
-from fastdllm.loop import ModelCall
+from fastdllm.forward import ModelCall
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.reuse import REUSES
 from test_caches import GEN_LENGTH, PROMPTS, left_padded_call  # noqa: F401 (GEN_LENGTH: for the reuse tests)

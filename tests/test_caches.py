@@ -14,7 +14,8 @@ import torch
 
 from fastdllm.cache import CACHES
 from fastdllm.generation import GENERATIONS
-from fastdllm.loop import ModelCall, generate
+from fastdllm.forward import ModelCall
+from fastdllm.loop import generate
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.reuse import REUSES
 

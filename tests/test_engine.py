@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastdllm.cache import CACHES
-from fastdllm.cache.kv import SequenceKV
+from fastdllm.models.kv import SequenceKV
 from fastdllm.engine import CompiledEngine, build_engine
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import generate

@@ -25,7 +25,8 @@ from fastdllm.config import ASSETS
 from fastdllm.engine import build_engine
 from fastdllm.evaluate import encode_prompts, run
 from fastdllm.generation import GENERATIONS
-from fastdllm.loop import ModelCall, answer_length, generate, stop_token_ids
+from fastdllm.forward import ModelCall
+from fastdllm.loop import answer_length, generate, stop_token_ids
 from fastdllm.models import CheckpointError, load_model, load_tokenizer, save_checkpoint
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.registry import ConfigError

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdllm.cache.kv import PositionKV, SequenceKV
+from fastdllm.models.kv import PositionKV, SequenceKV
 from fastdllm.models.layers import LayerPlan
 from fastdllm.models.tiny import build_tiny_model
 

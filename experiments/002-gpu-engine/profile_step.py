@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdllm.bench import timed
-from fastdllm.cache.kv import SequenceKV
+from fastdllm.models.kv import SequenceKV
 from fastdllm.engine import CompiledEngine
 from fastdllm.generation import GENERATIONS
 from fastdllm.models.base import MODEL_FAMILIES

@@ -57,7 +57,7 @@ from omegaconf import MISSING
 from fastdllm.registry import Registry
 
 if TYPE_CHECKING:
-    from fastdllm.loop import ModelCall
+    from fastdllm.forward import ModelCall
 
 CACHES = Registry("cache")
 

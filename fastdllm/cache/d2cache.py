@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from fastdllm.cache.base import CACHES, CacheConfig, CacheStrategy
-from fastdllm.cache.kv import PositionKV
+from fastdllm.models.kv import PositionKV
 from fastdllm.generation.base import certainty_density
 from fastdllm.models.layers import LayerPlan
 from fastdllm.registry import check

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdllm.cache.base import CACHES, CacheConfig, CacheStrategy
-from fastdllm.cache.kv import PositionKV
+from fastdllm.models.kv import PositionKV
 from fastdllm.models.layers import LayerPlan
 from fastdllm.registry import check
 

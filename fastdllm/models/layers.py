@@ -131,6 +131,17 @@ def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> 
     return down(F.silu(gate(x)) * up(x))
 
 
+class ReusedLayers(NamedTuple):
+    """What engine=compiled does at the next forward with the layers a strategy reuses. The engine
+    keeps each such layer's residual contribution (its output minus its input) per position of the
+    sequence: a forward that computes the layer records it at the computed positions."""
+
+    # The layers whose contribution is kept.
+    layers: frozenset[int] = frozenset()
+    # The forward adds the kept contributions instead of computing these layers (which then write no keys/values).
+    skipping: bool = False
+
+
 # ----------------------------------------------------------------- per-position layer hook
 
 

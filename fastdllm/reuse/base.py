@@ -17,12 +17,12 @@ reads (e.g. top-k positions padded to a fixed count), never by reading device va
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import MISSING
 
-from fastdllm.models.layers import KVCache, PositionHook
+from fastdllm.models.layers import KVCache, PositionHook, ReusedLayers
 from fastdllm.registry import Registry
 
 REUSES = Registry("reuse")
@@ -31,17 +31,6 @@ REUSES = Registry("reuse")
 @dataclass
 class ReuseConfig:
     name: str = MISSING
-
-
-class ReusedLayers(NamedTuple):
-    """What engine=compiled does at the next forward with the layers a strategy reuses. The engine
-    keeps each such layer's residual contribution (its output minus its input) per position of the
-    sequence: a forward that computes the layer records it at the computed positions."""
-
-    # The layers whose contribution is kept.
-    layers: frozenset[int] = frozenset()
-    # The forward adds the kept contributions instead of computing these layers (which then write no keys/values).
-    skipping: bool = False
 
 
 class ReuseStrategy:

@@ -30,7 +30,8 @@ from typing import Callable, Optional
 import torch
 
 from fastdllm.registry import ConfigError, check
-from fastdllm.reuse.base import REUSES, ReusedLayers, ReuseConfig, ReuseStrategy
+from fastdllm.models.layers import ReusedLayers
+from fastdllm.reuse.base import REUSES, ReuseConfig, ReuseStrategy
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastdllm.cache.kv import SequenceKV
+from fastdllm.models.kv import SequenceKV
 from fastdllm.models.layers import LayerPlan
 from fastdllm.registry import ConfigError, check
 from fastdllm.reuse.base import REUSES, ReuseConfig, ReuseStrategy
