@@ -1,33 +1,27 @@
-"""The decoding engine: how a forward pass is executed (`engine=eager|compiled|auto`).
+"""The decoding engine: how the one forward pass (DiffusionLM.forward) is executed (`engine=eager|compiled|auto`).
 
-`eager` runs DiffusionLM.forward, module by module: the reference every test is written against.
-`compiled` runs the same math restructured for the GPU, where a batch-1 step is otherwise bound by
-launching ~1,500 small kernels rather than by reading the weights:
-- the q/k/v and the gate/up projections run as one matrix product each (the parameters become views
-  into one fused matrix, so parameter names, checkpoints and the eager path are unchanged);
-- keys/values live in preallocated full-sequence buffers, one set per (rows, length), written in place
-  at the computed positions given as a tensor (not a Python slice), so one graph serves every block;
-  block-causal families (Fast-dLLM v2) fill them block by block, their mask a graph input like the rest;
-- grouped-query attention reads the shared key/value heads directly (SDPA `enable_gqa`); a short span
-  at a small batch is attended with FlashAttention's kernel, and a forward over few positions multiplies
-  with cuBLASLt's kernels, the fastest there;
-- layers a reuse strategy skips (reuse=layer, reuse.base.ReusedLayers) add a contribution kept in a
-  preallocated [rows, length, width] buffer per layer, written in place at the computed positions by
-  the forwards that compute them;
-- RMSNorm with its residual add, rotary embedding and the SiLU gate are compiled (torch.compile) into
-  one kernel each, first with symbolic sizes, specialised to the shape once a forward shape recurs;
+`eager` calls the forward as it is: the reference every test is written against. `compiled` runs the
+same forward, where a batch-1 step on a GPU is otherwise bound by launching ~1,500 small kernels
+rather than by reading the weights; what it adds is its own, never the math:
+- the forward's small kernels (RMSNorm with its residual add, rotary embedding, rotary with the
+  key/value write, the SiLU gate; models.layers.Kernels) compiled with torch.compile into one kernel
+  each, first with symbolic sizes, specialised to the shape once a forward shape recurs;
+- keys/values in preallocated full-sequence buffers (models.kv.StaticKV) lent to the cache's
+  SequenceKV, one set per (rows, length), written in place at the computed columns given as a tensor,
+  so one graph serves every block; the reused layers' contributions (reuse=layer) likewise;
+- the attention backend and BLAS library per shape: a short span at a small batch is attended with
+  FlashAttention's kernel, a forward over few positions multiplies with cuBLASLt's kernels;
 - each forward shape (rows, span, logits, padding or not, key/value buffers, layers skipped or
-  recorded) is captured as a CUDA graph (again when its kernels are specialised) and then replayed: one
+  recorded) captured as a CUDA graph (again when its kernels are specialised) and then replayed: one
   launch per forward, no host work per layer.
-On a CPU it runs the same restructured code without compilation or graphs (what the CPU tests check
-against eager). `auto` is `compiled` on CUDA and `eager` elsewhere.
+On a CPU it runs the same forward without compilation or graphs. `auto` is `compiled` on CUDA and
+`eager` elsewhere.
 
-A forward runs eager instead, with a one-line notice, where the fast path cannot honour it: a reuse
-strategy that decides per layer on the host (`runs_compiled()` false: it overrides `run_layer`, e.g.
-reuse=layer with adaptive_tolerance), a key/value cache other than models.kv.SequenceKV, or a family
-whose model or block forward is not the one this engine re-implements (see `unsupported`); a forward
-with a position hook (reuse=trim|activation, cache=dllm|d2cache) runs eager, without a notice. The
-rules a strategy follows to stay on the fast path are written in cache/base.py and reuse/base.py.
+A forward runs eager instead, said once on the terminal and recorded in `fallbacks` (results.json's
+`engine_fallbacks`), where the fast path cannot honour it: a reuse strategy that decides per layer on
+the host (`runs_compiled()` false, e.g. reuse=layer with adaptive_tolerance), a position hook that
+cannot be captured (`capture_key()` None), or a family that overrides DiffusionLM.forward. The rules
+a strategy follows to stay on the fast path are written in cache/base.py and reuse/base.py.
 """
 from __future__ import annotations
 
@@ -35,17 +29,18 @@ import collections
 import contextlib
 import contextvars
 import sys
+import time
 import types
 import weakref
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdllm.models.base import DiffusionLM
-from fastdllm.models.kv import SequenceKV, StaticKV
-from fastdllm.models.layers import KVCache, ReusedLayers, apply_rotary, attention, rotary_cos_sin
+from fastdllm.models.kv import PositionKV, SequenceKV, StaticKV
+from fastdllm.models.layers import (KVCache, Kernels, ReusedLayers, add_rms_norm, rms_norm, rotary_cos_sin, rotate_qkv,
+                                    rotate_qkv_into, silu_gate)
 
 _NOTICES: set[str] = set()
 # Captured forward shapes kept at most (a prefix cache at 512 + 256 tokens uses 9 per batch shape).
@@ -72,107 +67,48 @@ def notice(message: str) -> None:
         print(f"engine=compiled: {message}", file=sys.stderr)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # layers.RMSNorm's math: normalise in float32, cast back, then scale.
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and the next norm, as one kernel: (h + delta, rms_norm(h + delta))."""
-    h = h + delta
-    return h, rms_norm(h, weight, eps)
-
-
-def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the fused projection [B, n, (heads + 2 kv_heads) d] into rotated q [B, heads, n, d],
-    rotated k and v [B, kv_heads, n, d]."""
-    B, n, width = qkv.shape
-    head_dim = width // (heads + 2 * kv_heads)
-    q, k, v = qkv.view(B, n, heads + 2 * kv_heads, head_dim).transpose(1, 2).split([heads, kv_heads, kv_heads], dim=1)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
-
-def rotate_qkv_into(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-                    keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-                    fresh: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """rotate_qkv, writing k and v into the full-sequence buffers at positions `index` in the same
-    kernel; returns q. fresh [B, n]: write only those positions of each row, keep the others."""
-    q, k, v = rotate_qkv(qkv, cos, sin, heads, kv_heads)
-    if fresh is not None:
-        keep = ~fresh[:, None, :, None]
-        k = torch.where(keep, keys.index_select(2, index), k)
-        v = torch.where(keep, values.index_select(2, index), v)
-    keys.index_copy_(2, index, k)
-    values.index_copy_(2, index, v)
-    return q
-
-
-def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-class FusedBlock:
-    """One block's weights as the compiled forward uses them."""
-
-    def __init__(self, block):
-        p = block.parts()
-        self.attn_norm, self.mlp_norm, self.eps = p.attn_norm.weight, p.mlp_norm.weight, p.attn_norm.eps
-        self.heads, self.kv_heads = p.heads, p.kv_heads
-        self.qkv_weight = fuse_rows([p.q_proj, p.k_proj, p.v_proj], "weight")
-        biases = [p.q_proj.bias, p.k_proj.bias, p.v_proj.bias]
-        self.qkv_bias = None if all(b is None for b in biases) else fuse_rows([p.q_proj, p.k_proj, p.v_proj], "bias")
-        self.out_weight, self.out_bias = p.out_proj.weight, p.out_proj.bias
-        self.gate_up_weight = fuse_rows([p.gate, p.up], "weight")
-        self.down_weight = p.down.weight
-
-
-def fuse_rows(linears: list[torch.nn.Linear], name: str) -> torch.Tensor:
-    """Concatenate the linears' `name` parameters along the output rows, and make each parameter a
-    view into the result: one matrix product computes all of them, and no memory is duplicated."""
-    parts = [getattr(linear, name) for linear in linears]
-    fused = torch.cat([p.detach() for p in parts])
-    offset = 0
-    for part in parts:
-        rows = part.shape[0]
-        part.data = fused[offset: offset + rows]
-        offset += rows
-    return fused
-
-
 class CapturedForward:
     """One forward shape as a CUDA graph: static input tensors, copied into before each replay."""
 
     def __init__(self, run: Callable[..., torch.Tensor], inputs: dict[str, Optional[torch.Tensor]], pool,
-                 specialised: bool = False):
-        self.run, self.specialised = run, specialised
+                 specialised: bool = False, state: tuple[torch.Tensor, ...] = (), hook=None):
+        self.run, self.specialised, self.hook = run, specialised, hook
         token = _SPECIALISED.set(specialised)
         try:
-            self._capture(inputs, pool)
+            self._capture(inputs, pool, state)
         finally:
             _SPECIALISED.reset(token)
 
-    def _capture(self, inputs: dict[str, Optional[torch.Tensor]], pool) -> None:
+    def _capture(self, inputs: dict[str, Optional[torch.Tensor]], pool, state: tuple[torch.Tensor, ...]) -> None:
         run = self.run
         self.static = {name: None if t is None else t.clone() for name, t in inputs.items()}
-        # Warm up off the capture (compilation, kernel selection, library workspaces), as CUDA graphs require.
+        # Warm up off the capture (compilation, kernel selection, library workspaces), as CUDA graphs
+        # require. The warm-up really runs the forward: the tensors a strategy updates in place (`state`)
+        # are put back afterwards, so that the replay below is the forward's only effect.
+        kept = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             run(**self.static)
         torch.cuda.current_stream().wait_stream(stream)
+        for tensor, saved in zip(state, kept):
+            tensor.copy_(saved)
+        if self.hook is not None:
+            self.hook.counted = 0
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = run(**self.static)
         self.pool = self.graph.pool()
+        # A position hook's count of the positions its plans compute (fixed by the graph's shapes).
+        self.counted = 0 if self.hook is None else self.hook.counted
 
     def __call__(self, inputs: dict[str, Optional[torch.Tensor]]) -> torch.Tensor:
         for name, tensor in inputs.items():
             if tensor is not None:
                 self.static[name].copy_(tensor)
         self.graph.replay()
+        if self.hook is not None:
+            self.hook.counted = self.counted
         # A copy: the next replay overwrites the graph's output while the caller may still hold this one.
         return self.output.clone()
 
@@ -182,19 +118,16 @@ class CompiledEngine:
 
     def __init__(self, model: DiffusionLM):
         self.model = model
-        embedding, blocks, final_norm, head = model.parts()
-        self.embedding, self.final_norm, self.head = embedding.weight, final_norm, head
-        self.blocks = [FusedBlock(block) for block in blocks]
-        first = self.blocks[0]
-        self.head_dim = first.qkv_weight.shape[0] // (first.heads + 2 * first.kv_heads)
-        self.device, self.dtype = self.embedding.device, self.embedding.dtype
+        embedding, blocks, _, _ = model.parts()
+        self.num_layers, self.width = len(blocks), embedding.weight.shape[1]
+        self.device, self.dtype = embedding.weight.device, embedding.weight.dtype
         on_gpu = self.device.type == "cuda"
         self.graphs = on_gpu
         wrap = compile_or_eager if on_gpu else (lambda fn, **_: fn)
-        self.norm, self.add_norm, self.gate = wrap(rms_norm), wrap(add_rms_norm), wrap(silu_gate)
         # rotate_qkv_into's keys/values (arguments 5, 6) span the whole sequence: their length stays symbolic.
-        self.rotate, self.rotate_into = wrap(rotate_qkv), wrap(rotate_qkv_into, lengths={5: 2, 6: 2})
-        self.rotary = wrap(rotary_cos_sin)
+        self.kernels = Kernels(norm=wrap(rms_norm), add_norm=wrap(add_rms_norm), rotary=wrap(rotary_cos_sin),
+                               rotate=wrap(rotate_qkv), rotate_into=wrap(rotate_qkv_into, lengths={5: 2, 6: 2}),
+                               gate=wrap(silu_gate), attention_backends=self._attention_backends)
         self.multiprocessors = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else None
         # The memory pool the graphs share (they replay one at a time), set by the first capture.
         self.pool = None
@@ -203,10 +136,20 @@ class CompiledEngine:
         self.replays: collections.Counter[tuple] = collections.Counter()
         self.specialise_after = SPECIALISE_AFTER
         self.kv: dict[tuple[int, int], StaticKV] = {}
-        # Per (rows, length): each reused layer's contribution (output minus input) [rows, length, width].
-        self.contributions: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        # Per (rows, length): tensors kept across forwards (reused layers' contributions, strategies' state).
+        self.static: dict[tuple[int, int], dict[tuple, torch.Tensor]] = {}
         # Per (rows, length): the SequenceKV whose keys/values the buffers hold (set by a full forward).
         self.owner: dict[tuple[int, int], weakref.ref] = {}
+        # What ran off the fast path, and why (results.json's engine_fallbacks).
+        self.fallbacks: list[str] = []
+        # Seconds spent capturing graphs (and compiling their kernels): results.json's warmup_seconds.
+        self.warmup_seconds = 0.0
+
+    def fallback(self, reason: str) -> None:
+        """Record (and say once) that something runs off the fast path."""
+        if reason not in self.fallbacks:
+            self.fallbacks.append(reason)
+        notice(reason)
 
     def _attention_backends(self, q: torch.Tensor):
         """The attention kernels SDPA tries first for queries q [B, heads, n, d]. A short span at a small
@@ -236,50 +179,66 @@ class CompiledEngine:
             torch.backends.cuda.preferred_blas_library(previous)
 
     def clear(self) -> None:
-        """Free the key/value and contribution buffers and the captured graphs (e.g. between benchmark
-        configurations)."""
+        """Free the key/value and kept buffers and the captured graphs (e.g. between benchmark configurations)."""
         self.captured.clear()
         self.kv.clear()
-        self.contributions.clear()
+        self.static.clear()
         self.owner.clear()
         self.pool = None
 
     def supports(self, kv_cache: Optional[KVCache]) -> bool:
-        if kv_cache is None or type(kv_cache) is SequenceKV:
+        if kv_cache is None or isinstance(kv_cache, (SequenceKV, PositionKV)):
             return True
-        notice(f"key/value cache {type(kv_cache).__name__} is not models.kv.SequenceKV; its forwards run eager")
+        self.fallback(f"key/value cache {type(kv_cache).__name__} is not one of models.kv's; its forwards run eager")
         return False
 
+    def buffer(self, rows: int, length: int, name: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zero-initialised tensor kept for this batch shape (rows, length) under `name`: the same
+        tensor for every batch of that shape, so that captured graphs read and write it in place. Not
+        cleared between batches: its user writes what it reads within a batch."""
+        key = (rows, length)
+        self._batch_shape(key)
+        kept = self.static.setdefault(key, {})
+        if (name, shape, dtype) not in kept:
+            kept[(name, shape, dtype)] = torch.zeros(shape, dtype=dtype, device=self.device)
+        return kept[(name, shape, dtype)]
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-                kv_cache=None, logits_for: slice = slice(None), reused: ReusedLayers = ReusedLayers(),
-                start: int = 0, length: Optional[int] = None) -> torch.Tensor:
-        """DiffusionLM.forward's contract (without layer_runner); kv_cache is None or a SequenceKV.
-        `reused`: the reuse strategy's layers, and whether this forward skips them or records their
-        contributions; these are kept per column of the sequence, so without a kv_cache (which knows it)
-        the forward needs where its positions lie: columns [start, start + n) of `length`."""
+                kv_cache=None, logits_for: slice = slice(None), *, columns: Optional[torch.Tensor] = None,
+                fresh: Optional[torch.Tensor] = None, position_hook=None, reused: ReusedLayers = ReusedLayers(),
+                contributions: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
+        """DiffusionLM.forward's contract (without layer_runner), run with compiled kernels and, on a GPU,
+        as a captured CUDA graph per forward shape."""
         rows, n = input_ids.shape
-        first, last, _ = logits_for.indices(n)
-        buffers, columns, fresh, contributions = None, None, None, None
-        if kv_cache is not None:
-            buffers = self._buffers(rows, kv_cache)
-            start, length, fresh = kv_cache.span[0], kv_cache.length, kv_cache.fresh
-        if reused.layers:
-            contributions = self._contributions(rows, length, reused.layers)
-        if buffers is not None or contributions is not None:
-            columns = torch.arange(start, start + n, device=self.device)
+        if isinstance(logits_for, slice):
+            logits_for = torch.arange(*logits_for.indices(n), device=self.device)
+        if isinstance(kv_cache, SequenceKV):
+            self._lend_buffers(rows, kv_cache)
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "key_mask": key_mask, "columns": columns,
-                  "fresh": fresh, "logits_index": torch.arange(first, last, device=self.device)}
+                  "fresh": fresh, "logits_for": logits_for}
 
         def run(**static):
             with self._blas_library(rows * n):
-                return self._forward(buffers, contributions, reused, **static)
+                return self.model.forward(kv_cache=kv_cache, position_hook=position_hook, reused=reused,
+                                          contributions=contributions, kernels=self.kernels, **static)
 
         if not self.graphs:
             return run(**inputs)
+        hook_key, state = (), ()
+        if position_hook is not None:
+            hook_key = position_hook.capture_key()
+            if hook_key is None:
+                self.fallback(f"{type(position_hook).__name__} chooses its positions on the host: its forwards run "
+                              "without CUDA graphs")
+                return run(**inputs)
+            state = tuple(position_hook.state_tensors())
         # The shape leaves out the sequence length (of the mask's keys, of the buffers: symbolic in the
         # specialised kernels), so a span's shape recurs across batches of any prompt length.
-        shape = (rows, n, last - first, None if key_mask is None else tuple(key_mask.shape[:-1]), fresh is None, reused)
-        key = shape + (None if key_mask is None else key_mask.shape[-1], None if buffers is None else id(buffers))
+        shape = (rows, n, tuple(logits_for.shape), None if key_mask is None else tuple(key_mask.shape[:-1]),
+                 fresh is None, reused, hook_key)
+        kv_key = None if not isinstance(kv_cache, SequenceKV) else id(self.kv[(rows, kv_cache.length)])
+        kept = tuple(id(t) for t in (contributions or {}).values())
+        key = shape + (None if key_mask is None else key_mask.shape[-1], kv_key, kept)
         self.replays[shape] += 1
         hot = self.replays[shape] >= self.specialise_after
         captured = self.captured.get(key)
@@ -287,35 +246,28 @@ class CompiledEngine:
             if captured is None and len(self.captured) >= MAX_GRAPHS:  # shapes that never repeat (cache=none over varied lengths)
                 self.captured.clear()
                 self.pool = None
-            captured = self.captured[key] = CapturedForward(run, inputs, self.pool, specialised=hot)
+            started = time.perf_counter()
+            captured = self.captured[key] = CapturedForward(run, inputs, self.pool, specialised=hot, state=state,
+                                                            hook=position_hook)
+            self.warmup_seconds += time.perf_counter() - started
             self.pool = captured.pool
         return captured(inputs)
 
     def _batch_shape(self, key: tuple[int, int]) -> None:
         """One batch shape (rows, length) at a time (an evaluation's batches differ in length): the
         buffers of the previous shape, and the graphs that read them, are freed rather than kept for later."""
-        if key not in self.kv and key not in self.contributions:
+        if key not in self.kv and key not in self.static:
             self.clear()
 
-    def _contributions(self, rows: int, length: int, layers: frozenset[int]) -> dict[int, torch.Tensor]:
-        """The reused layers' contribution buffers for this batch shape. They are not cleared between
-        batches of one shape: a forward that skips a layer reads only positions that an earlier forward
-        of its batch recorded (a block's first step records every position its later steps compute)."""
-        key = (rows, length)
-        self._batch_shape(key)
-        contributions = self.contributions.setdefault(key, {})
-        for layer in layers - contributions.keys():
-            contributions[layer] = torch.zeros(rows, length, self.embedding.shape[1], dtype=self.dtype,
-                                               device=self.device)
-        return contributions
-
-    def _buffers(self, rows: int, kv_cache) -> StaticKV:
+    def _lend_buffers(self, rows: int, kv_cache: SequenceKV) -> None:
         length = kv_cache.length
         key = (rows, length)
         if key not in self.kv:
             self._batch_shape(key)
-            self.kv[key] = StaticKV(len(self.blocks), rows, self.blocks[0].kv_heads, length, self.head_dim, self.dtype,
-                                    self.device)
+            _, blocks, _, _ = self.model.parts()
+            parts = blocks[0].parts()
+            head_dim = parts.q_proj.out_features // parts.heads
+            self.kv[key] = StaticKV(len(blocks), rows, parts.kv_heads, length, head_dim, self.dtype, self.device)
         buffers = self.kv[key]
         # A block-causal cache is filled block by block and never by one full forward: it takes the
         # buffers at its first forward (positions it has not written are masked out of attention).
@@ -329,57 +281,6 @@ class CompiledEngine:
                 "engine=compiled keeps one set of key/value buffers per batch shape: a partial forward must use the "
                 "SequenceKV recorded by the last full forward of that shape (two caches alive at once need engine=eager)"
             )
-        return buffers
-
-    def _forward(self, buffers: Optional[StaticKV], contributions: Optional[dict[int, torch.Tensor]],
-                 reused: ReusedLayers, input_ids, position_ids, key_mask, columns, fresh, logits_index) -> torch.Tensor:
-        rows, n = input_ids.shape
-        h = F.embedding(input_ids, self.embedding)
-        cos, sin = self.rotary(position_ids, self.head_dim, self.model.config.rope_theta)
-        # What the previous layer adds to h (its feed-forward output, or a kept contribution), added in
-        # the kernel of the next norm; None: h is the next layer's input. The adds happen in eager's
-        # order (h + attention, + feed-forward, + contribution), so the values are eager's.
-        pending = None
-        # Past its keys/values, nothing reads the last layer's outputs but the output head: it runs its
-        # queries, attention and feed-forward only for the positions whose logits are used (unless a
-        # reuse strategy keeps its contribution at every position).
-        last = len(self.blocks) - 1
-        trim_last = logits_index.shape[0] < n and last not in reused.layers
-        for i, block in enumerate(self.blocks):
-            if i in reused.layers and reused.skipping:
-                h = h if pending is None else h + pending
-                pending = contributions[i].index_select(1, columns)
-                continue
-            if pending is None:
-                x = self.norm(h, block.attn_norm, block.eps)
-            else:
-                h, x = self.add_norm(h, pending, block.attn_norm, block.eps)
-            layer_input = h
-            qkv = F.linear(x, block.qkv_weight, block.qkv_bias)
-            if buffers is None:
-                q, k, v = self.rotate(qkv, cos, sin, block.heads, block.kv_heads)
-            else:
-                k, v = buffers.keys[i], buffers.values[i]
-                q = self.rotate_into(qkv, cos, sin, block.heads, block.kv_heads, k, v, columns, fresh)
-            if i == last and trim_last:
-                q, h = q.index_select(2, logits_index), h.index_select(1, logits_index)
-                if key_mask is not None and key_mask.dim() == 4:  # a mask per query
-                    key_mask = key_mask.index_select(2, logits_index)
-            with self._attention_backends(q):
-                a = attention(q, k, v, layer=i, key_mask=key_mask, kv_cache=None)
-            h, x = self.add_norm(h, F.linear(a.transpose(1, 2).reshape(rows, q.shape[2], -1), block.out_weight,
-                                             block.out_bias), block.mlp_norm, block.eps)
-            pending = F.linear(self.gate(F.linear(x, block.gate_up_weight)), block.down_weight)
-            if i in reused.layers:
-                h, pending = h + pending, None
-                contributions[i].index_copy_(1, columns, h - layer_input)
-        # Only the positions whose logits are used go through the final norm and the output head.
-        if not trim_last:
-            h = h.index_select(1, logits_index)
-            pending = None if pending is None else pending.index_select(1, logits_index)
-        if pending is not None:
-            h = h + pending
-        return F.linear(self.norm(h, self.final_norm.weight, self.final_norm.eps), self.head).float()
 
 
 def compile_or_eager(fn: Callable, backend: str | Callable = "inductor", lengths: Optional[dict[int, int]] = None
@@ -449,17 +350,8 @@ def build_engine(name: str, model: DiffusionLM) -> Optional[CompiledEngine]:
 
 
 def unsupported(model: DiffusionLM) -> Optional[str]:
-    """Why the compiled forward would not compute what the model's own forward does, or None.
-    It re-implements DiffusionLM.forward over the blocks' parts(): a family that overrides the model's
-    forward, or a block forward other than the one written beside its parts() (e.g. with an attention
-    bias), is not covered."""
+    """Why engine=compiled cannot run this model, or None. It runs DiffusionLM.forward with its own
+    kernels: a family that replaces that forward computes something the engine does not know."""
     if type(model).forward is not DiffusionLM.forward:
         return f"{type(model).__name__} overrides DiffusionLM.forward"
-    _, blocks, _, _ = model.parts()
-    for block in blocks:
-        owner = next((cls for cls in type(block).__mro__ if "parts" in vars(cls)), None)
-        if owner is None:
-            return f"{type(block).__name__} exposes no parts()"
-        if type(block).forward is not owner.forward:
-            return f"{type(block).__name__} overrides the forward of {owner.__name__}"
     return None

@@ -14,7 +14,8 @@ import torch
 
 from fastdllm.engine import CompiledEngine
 from fastdllm.models.base import DiffusionLM
-from fastdllm.models.layers import KVCache, LayerPlan, PositionHook
+from fastdllm.models.kv import SequenceKV
+from fastdllm.models.layers import KVCache, LayerPlan, PositionHook, ReusedLayers
 from fastdllm.reuse.base import ReuseStrategy
 
 
@@ -29,7 +30,8 @@ class ModelCall:
                  cfg_scale: float, reuse: ReuseStrategy, engine: Optional[CompiledEngine] = None,
                  attention_block: Optional[int] = None, sub_block_length: Optional[int] = None):
         self.model = model
-        self.num_layers = len(model.parts()[1])
+        embedding, blocks, _, _ = model.parts()
+        self.num_layers, self.width, self.dtype = len(blocks), embedding.weight.shape[1], embedding.weight.dtype
         # engine=compiled runs the forwards it supports; None runs DiffusionLM.forward (engine=eager).
         self.engine = engine
         self.tokens = tokens
@@ -57,6 +59,17 @@ class ModelCall:
         self.forward_shapes: list[tuple[int, int, int, int]] = []
         self.layer_positions = 0
         self.hooked = False
+        self.kept: dict[tuple, torch.Tensor] = {}
+
+    def buffer(self, name: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zero-initialised tensor a strategy keeps across the batch's forwards and updates in place.
+        Under engine=compiled it is the engine's, the same for every batch of this shape, so that the
+        captured graphs that read and write it stay valid (it is then not zeroed again per batch)."""
+        if self.engine is not None:
+            return self.engine.buffer(self.tokens.shape[0], self.length, name, shape, dtype)
+        if (name, shape, dtype) not in self.kept:
+            self.kept[(name, shape, dtype)] = torch.zeros(shape, dtype=dtype, device=self.tokens.device)
+        return self.kept[(name, shape, dtype)]
 
     def attention_mask(self, queries: torch.Tensor, keys: tuple[int, int], first: Optional[int] = None
                        ) -> Optional[torch.Tensor]:
@@ -78,6 +91,7 @@ class ModelCall:
             mask = mask & key_mask[:, None, :] | (key_columns == query_columns)
         return mask.unsqueeze(-3) if mask.dim() == 3 else mask[None, None]
 
+    @torch.no_grad()
     def predict(self, block_start: int, block_end: int, compute: tuple[int, int],
                 kv_cache: Optional[KVCache] = None, *, position_hook: Optional[PositionHook] = None,
                 positions_computed: Optional[int] = None) -> torch.Tensor:
@@ -108,6 +122,7 @@ class ModelCall:
             logits = block
         return logits
 
+    @torch.no_grad()
     def predict_at(self, positions: torch.Tensor, logits_rows: torch.Tensor, kv_cache: KVCache, *,
                    position_hook: Optional[PositionHook] = None) -> torch.Tensor:
         """Run the model over the given positions [B, n] (increasing along each row; kv_cache places
@@ -139,18 +154,26 @@ class ModelCall:
         if reuse_hook is not None:  # begin_forward refused a cache with a position hook of its own
             position_hook, kv_cache = reuse_hook
         self.hooked = position_hook is not None
-        if self.engine is not None and not self.hooked and start is not None and self.engine.supports(kv_cache):
-            reused = self.reuse.reused_layers()
-            logits = self.engine.forward(ids, positions, key_mask, kv_cache=kv_cache, logits_for=logits_for,
-                                         reused=reused, start=start, length=self.length)
-            # The engine runs every layer it does not skip over every computed position.
-            skipped = len(reused.layers) if reused.skipping else 0
-            self.layer_positions += ids.shape[1] * (self.num_layers - skipped)
+        on_host = not self.reuse.runs_compiled()  # the strategy decides per layer on the host: run_layer
+        reused = ReusedLayers() if on_host else self.reuse.reused_layers()
+        rows, n = ids.shape
+        contributions = {layer: self.buffer(("contribution", layer), (rows, self.length, self.width), self.dtype)
+                         for layer in reused.layers}
+        # The sequence columns a span's keys/values and contributions are written at.
+        columns = None if start is None else torch.arange(start, start + n, device=ids.device)
+        fresh = kv_cache.fresh if isinstance(kv_cache, SequenceKV) else None
+        if self.hooked:
+            position_hook = CountingHook(position_hook, self)
+        options = dict(kv_cache=kv_cache, logits_for=logits_for, columns=columns, fresh=fresh,
+                       position_hook=position_hook, reused=reused, contributions=contributions)
+        if self.engine is not None and not on_host and self.engine.supports(kv_cache):
+            logits = self.engine.forward(ids, positions, key_mask, **options)
         else:
-            if self.hooked:
-                position_hook = CountingHook(position_hook, self)
-            logits = self.model(ids, positions, key_mask, kv_cache=kv_cache, layer_runner=self.run_layer,
-                                logits_for=logits_for, position_hook=position_hook)
+            logits = self.model(ids, positions, key_mask, layer_runner=self.run_layer if on_host else None, **options)
+        if self.hooked:
+            self.layer_positions += position_hook.counted
+        elif not on_host:  # every layer not skipped runs over every computed position (run_layer counts otherwise)
+            self.layer_positions += n * (self.num_layers - (len(reused.layers) if reused.skipping else 0))
         self.forward_shapes.append((ids.shape[0], ids.shape[1], logits.shape[1], self.length))
         logits = logits[..., : self.model.config.vocab_size]
         if self.cfg_scale > 0:
@@ -175,24 +198,34 @@ class ModelCall:
 
 
 class CountingHook:
-    """A PositionHook passed through, counting into `call.layer_positions` the positions each layer's
-    plan computes; a position whose attention runs but whose feed-forward is reused counts half
-    (rounded down per layer)."""
+    """A PositionHook passed through, counting in `counted` the positions each layer's plan computes;
+    a position whose attention runs but whose feed-forward is reused counts half (rounded down per
+    layer). Plans are made as the forward is traced, so under CUDA graphs the engine keeps the count
+    of the captured forward and sets it again at each replay."""
 
     def __init__(self, hook: PositionHook, call: ModelCall):
         self.hook, self.call = hook, call
+        self.counted = 0
+
+    def capture_key(self):
+        """What distinguishes this forward's graph (the hook's own key, None: it cannot be captured)."""
+        return getattr(self.hook, "capture_key", lambda: None)()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors the hook updates in place during a forward."""
+        return list(getattr(self.hook, "state_tensors", lambda: [])())
 
     def plan(self, layer: int, hidden: torch.Tensor, normed: torch.Tensor, value_proj) -> LayerPlan:
         plan = self.hook.plan(layer, hidden, normed, value_proj)
         attention_rows = hidden.shape[1] if plan.compute is None else plan.compute.shape[1]
         if plan.feed_forward_rows is None:
-            self.call.layer_positions += attention_rows
+            self.counted += attention_rows
             return plan
         choose = plan.feed_forward_rows
 
         def counted(attention_out: torch.Tensor) -> Optional[torch.Tensor]:
             rows = choose(attention_out)
-            self.call.layer_positions += (attention_rows + (attention_rows if rows is None else rows.shape[1])) // 2
+            self.counted += (attention_rows + (attention_rows if rows is None else rows.shape[1])) // 2
             return rows
 
         return dataclasses.replace(plan, feed_forward_rows=counted)

@@ -12,6 +12,7 @@ from fastdllm.models.kv import SequenceKV
 from fastdllm.engine import CompiledEngine, build_engine
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import generate
+from fastdllm.models.layers import fused_weights
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.reuse import REUSES
 from fastdllm.reuse.base import ReuseConfig, ReuseStrategy
@@ -46,15 +47,34 @@ def test_auto_engine_is_eager_on_cpu():
 
 
 def test_fused_projections_are_views_of_unchanged_weights():
+    """The one forward multiplies with fused q/k/v and gate/up matrices; the parameters become views
+    into them, so names and values are unchanged, and after a move to another dtype they are fused again."""
     model, _ = build_tiny_model("Dream", std=0.3, seed=4)
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    engine = CompiledEngine(model)
+    ids, positions = torch.tensor([[5, 6, 7]]), torch.arange(3)[None]
+    with torch.no_grad():
+        logits = model(ids, positions)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    attention = model.model.layers[0].self_attn
-    fused = engine.blocks[0].qkv_weight
-    assert attention.q_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
-    assert engine.blocks[0].qkv_bias is not None  # Dream's projections carry biases
+    layer = model.model.layers[0]
+    weights = fused_weights(layer)
+    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == weights.qkv_weight.untyped_storage().data_ptr()
+    assert weights.qkv_bias is not None  # Dream's projections carry biases
+    model.double()
+    with torch.no_grad():
+        again = model(ids, positions)
+    assert fused_weights(layer) is not weights and fused_weights(layer).qkv_weight.dtype == torch.float64
+    torch.testing.assert_close(again.float(), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_unfused_parameters():
+    """While gradients are recorded (training), the fused matrices are built from the parameters
+    themselves, so every projection gets its gradient."""
+    model, _ = build_tiny_model("llada", std=0.3, seed=4)
+    model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None]).sum().backward()
+    block = model.model.transformer["blocks"][0]
+    for linear in (block.q_proj, block.k_proj, block.v_proj, block.ff_proj, block.up_proj):
+        assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
 
 
 class SkipSecondLayer(ReuseStrategy):
@@ -93,7 +113,7 @@ def test_layer_reuse_runs_compiled_as_eager(family, cache, reuse, capsys, monkey
         assert compiled.layer_positions == eager.layer_positions
     # The compiled forwards really ran: one contribution buffer per skipped layer, no notice.
     skipped = LayerReuseConfig(**reuse).skipped_layers(layers)
-    assert [set(buffers) for buffers in engine.contributions.values()] == [skipped]
+    assert [{name[1] for name, _, _ in kept} for kept in engine.static.values()] == [skipped]
     assert "engine=compiled" not in capsys.readouterr().err
 
 
@@ -105,7 +125,7 @@ def test_layer_reuse_with_adaptive_tolerance_runs_eager_with_a_notice(capsys, mo
     eager = decode("llada", "dual", None, reuse=REUSES.build(config))
     compiled = decode("llada", "dual", engine, reuse=REUSES.build(config))
     assert torch.equal(compiled.responses, eager.responses) and compiled.layer_positions == eager.layer_positions
-    assert not engine.kv and not engine.contributions
+    assert not engine.kv and not engine.static
     assert "reuse=layer decides per layer on the host" in capsys.readouterr().err
 
 
@@ -130,10 +150,10 @@ def test_partial_forward_needs_the_recorded_cache():
     ids = torch.randint(10, 40, (1, 12))
     positions = torch.arange(12)[None]
     recorded = SequenceKV(12)
-    engine.forward(ids, positions, kv_cache=recorded.computing(0, 12))
-    engine.forward(ids[:, 4:8], positions[:, 4:8], kv_cache=recorded.computing(4, 8))
+    engine.forward(ids, positions, kv_cache=recorded.computing(0, 12), columns=torch.arange(12))
+    engine.forward(ids[:, 4:8], positions[:, 4:8], kv_cache=recorded.computing(4, 8), columns=torch.arange(4, 8))
     with pytest.raises(RuntimeError, match="SequenceKV recorded by the last full forward"):
-        engine.forward(ids[:, 4:8], positions[:, 4:8], kv_cache=SequenceKV(12).computing(4, 8))
+        engine.forward(ids[:, 4:8], positions[:, 4:8], kv_cache=SequenceKV(12).computing(4, 8), columns=torch.arange(4, 8))
 
 
 def test_steps_beyond_the_tokens_of_a_block_stop_early():
@@ -143,16 +163,23 @@ def test_steps_beyond_the_tokens_of_a_block_stop_early():
     assert all(steps == [1] * GEN_LENGTH for steps in out.committed_per_step)
 
 
-def test_a_block_with_its_own_forward_runs_eager_with_a_notice(capsys):
-    """A family whose blocks compute something else (say, a block-causal mask) is not replaced by the
-    compiled forward, which re-implements only the forward written beside parts()."""
+def test_a_family_with_its_own_forward_runs_eager_with_a_notice(capsys):
+    """engine=compiled runs DiffusionLM.forward with its own kernels: a family that replaces that
+    forward computes something the engine does not know, so it is refused with the reason."""
     model, _ = build_tiny_model("Dream", std=0.3, seed=5)
-    block = type(model.model.layers[0])
-    masked = type("MaskedLayer", (block,), {"forward": lambda self, *args, **kwargs: block.forward(self, *args, **kwargs)})
-    for layer in model.model.layers:
-        layer.__class__ = masked
+    family = type(model)
+    model.__class__ = type("OwnForward", (family,), {"forward": lambda self, *args, **kwargs: family.forward(self, *args, **kwargs)})
     assert build_engine("compiled", model) is None
-    assert "MaskedLayer overrides the forward of DreamDecoderLayer" in capsys.readouterr().err
+    assert "OwnForward overrides DiffusionLM.forward" in capsys.readouterr().err
+
+
+def test_a_block_variant_the_forward_does_not_implement_is_refused():
+    """A family declares the variants of its blocks; one the forward does not implement (on any
+    engine) stops the model from being built, naming it, rather than running the wrong math."""
+    family = type(build_tiny_model("llada")[0])
+    unknown = type("WithExperts", (family,), {"variants": frozenset({"moe_feed_forward"})})
+    with pytest.raises(ValueError, match="moe_feed_forward"):
+        unknown(family.config_class.tiny(vocab_size=64))
 
 
 @pytest.mark.parametrize("family", ["llada", "Dream"])
@@ -230,7 +257,7 @@ def test_short_spans_at_small_batches_prefer_flash_attention_and_compute_the_sam
     engine = CompiledEngine(model)
     assert engine.multiprocessors is None  # CPU: SDPA's own order
     engine.multiprocessors = 64
-    heads = engine.blocks[0].heads
+    heads = model.parts()[1][0].parts().heads
     sdpa_order = torch._C._get_sdp_priority_order()
     with engine._attention_backends(torch.zeros(1, heads, 8, 4)):
         assert torch._C._get_sdp_priority_order()[:2] == [SDPBackend.FLASH_ATTENTION.value, SDPBackend.CUDNN_ATTENTION.value]
@@ -276,7 +303,7 @@ def test_forward_shapes_replayed_often_get_specialised_kernels_then_keep_them(mo
     captures = []
 
     class Capture:
-        def __init__(self, run, inputs, pool, specialised=False):
+        def __init__(self, run, inputs, pool, specialised=False, **_):
             self.run, self.specialised, self.pool = run, specialised, None
             captures.append(specialised)
 

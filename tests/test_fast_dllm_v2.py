@@ -298,7 +298,7 @@ def test_compiled_engine_runs_layer_reuse_as_eager(cache, capsys, monkeypatch):
     assert compiled.nfe == eager.nfe and compiled.positions == eager.positions
     assert compiled.committed_per_step == eager.committed_per_step
     assert compiled.layer_positions == eager.layer_positions
-    assert len(engine.contributions) == 1
+    assert len(engine.static) == 1
     assert "engine=compiled" not in capsys.readouterr().err
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fastdllm.models.layers import KVCache, PositionHook, gather_rows, rotary_cos_sin
+from fastdllm.models.layers import (BLOCK_VARIANTS, EAGER_KERNELS, KVCache, Kernels, PositionHook, ReusedLayers, fused_weights, gather_rows,
+                                    hooked_transformer_layer, transformer_layer)
 
 MODEL_FAMILIES: dict[str, type["DiffusionLM"]] = {}
 
@@ -24,14 +26,10 @@ def register_family(cls: type["DiffusionLM"]) -> type["DiffusionLM"]:
 
 
 class LayerRunner(Protocol):
-    """Runs transformer layer `layer` on `hidden`; a reuse strategy may skip or reuse it instead.
-    `compute` runs the layer for real."""
+    """Runs transformer layer `layer` on `hidden`, deciding on the host whether to compute it
+    (`compute` runs it for real): a reuse strategy that engine=compiled cannot run (runs_compiled false)."""
 
     def __call__(self, layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
-
-
-def run_every_layer(layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    return compute(hidden)
 
 
 class FamilyConfig(Protocol):
@@ -69,11 +67,12 @@ def fields_from_json(config_cls: type, raw: dict[str, Any], required: dict[str, 
 class DiffusionLM(nn.Module):
     """A masked-diffusion language model.
 
-    forward() computes the hidden states of a contiguous span of positions and returns their logits.
-    The families share this forward (embed, rotary, pre-norm layers, final norm, output head) and
-    differ in their layers' parameter names and config fields.
-    Attention covers the whole sequence: with a kv_cache, the keys/values of positions outside the
-    span come from the cache (see layers.KVCache), so the span may be any slice of the sequence.
+    forward() is the one implementation of the transformer math (embed, rotary, pre-norm layers,
+    final norm, output head), shared by every family (they differ in their modules' names and
+    config fields) and by both engines: eager calls it as it is, engine=compiled runs it with
+    compiled kernels and captures it as CUDA graphs. It computes the hidden states of the given
+    positions; attention covers the whole sequence: with a kv_cache, the keys/values of positions
+    outside the computed ones come from the cache (see layers.KVCache).
     """
 
     model_type: ClassVar[str]
@@ -90,8 +89,16 @@ class DiffusionLM(nn.Module):
     # sample's first prompt token. False: fully bidirectional (LLaDA, Dream).
     block_causal: ClassVar[bool] = False
 
+    # Block variants the family uses beyond a plain pre-norm LLaMA block (models.layers.BLOCK_VARIANTS
+    # lists those the one forward implements; another is refused when the model is built).
+    variants: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(self, config: FamilyConfig):
         super().__init__()
+        unknown = self.variants - BLOCK_VARIANTS
+        if unknown:
+            raise ValueError(f"{type(self).__name__} declares block variants {sorted(unknown)} that the forward does not "
+                             f"implement (it implements {sorted(BLOCK_VARIANTS)})")
         self.config = config
 
     @classmethod
@@ -110,23 +117,78 @@ class DiffusionLM(nn.Module):
         position_ids: torch.Tensor,
         key_mask: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
-        layer_runner: LayerRunner = run_every_layer,
         logits_for: slice | torch.Tensor = slice(None),
+        *,
+        columns: Optional[torch.Tensor] = None,
+        fresh: Optional[torch.Tensor] = None,
         position_hook: Optional[PositionHook] = None,
+        reused: ReusedLayers = ReusedLayers(),
+        contributions: Optional[dict[int, torch.Tensor]] = None,
+        layer_runner: Optional[LayerRunner] = None,
+        kernels: Kernels = EAGER_KERNELS,
     ) -> torch.Tensor:
         """input_ids, position_ids: [B, n] for the computed positions (a span, or any positions in
         increasing order with a kv_cache that places them); key_mask: [B, L] over the whole
         sequence (True = real token), or a full attention mask [B or 1, 1, n, L] (True = may attend;
         block-causal families). Returns float logits [B, m, vocab] for the computed positions
-        `logits_for` (a slice, or row indices [B, m]; all n by default): the output head is the
-        widest matrix, so it runs only where logits are used. A position_hook chooses, per layer,
-        which rows are computed and which reuse earlier outputs (layers.PositionHook)."""
-        embedding, layers, final_norm, output_weight = self.parts()
-        h = embedding(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        # Passed only when set, so a family whose layers take no hook keeps working without one.
-        hook = {} if position_hook is None else {"position_hook": position_hook}
+        `logits_for` (a slice, row indices [m], or per-sample rows [B, m]; all n by default): the
+        output head is the widest matrix, so it runs only where logits are used.
+
+        columns [n]: the sequence columns of a span's positions, where a kv_cache that lends buffers
+        writes their keys/values (fresh [B, n]: only those of each row) and where `contributions`
+        are kept. reused: layers whose residual contribution (output minus input) per column is kept
+        in `contributions` {layer: [B, L, d]}: recorded by a forward that computes them, added instead
+        of computing them when `reused.skipping`. position_hook: chooses per layer which rows are
+        computed and which reuse earlier outputs (layers.PositionHook). layer_runner: a host-side
+        decision per layer (eager only). kernels: the small kernels (eager or compiled)."""
+        embedding, layers, final_norm, head = self.parts()
+        h = F.embedding(input_ids, embedding.weight)
+        cos, sin = kernels.rotary(position_ids, self.config.head_dim, self.config.rope_theta)
+        n = input_ids.shape[1]
+        if isinstance(logits_for, slice):
+            logits_for = torch.arange(*logits_for.indices(n), device=input_ids.device)
+        # Past its keys/values, nothing reads the last layer's outputs but the output head: it runs its
+        # queries, attention and feed-forward only for the positions whose logits are used, unless a
+        # hook or a reuse strategy needs its outputs at every position.
+        last = len(layers) - 1
+        trim_last = (logits_for.dim() == 1 and logits_for.shape[0] < n and position_hook is None
+                     and layer_runner is None and last not in reused.layers)
+        # What the previous layer adds to h (its feed-forward output, or a kept contribution), added in
+        # the kernel of the next norm; None: h is the next layer's input.
+        pending = None
         for i, layer in enumerate(layers):
-            h = layer_runner(i, h, lambda x, layer=layer, i=i: layer(x, cos, sin, layer=i, key_mask=key_mask, kv_cache=kv_cache, **hook))
-        h = h[:, logits_for] if isinstance(logits_for, slice) else gather_rows(h, logits_for)
-        return (final_norm(h) @ output_weight.T).float()
+            if i in reused.layers and reused.skipping:
+                h = h if pending is None else h + pending
+                pending = contributions[i].index_select(1, columns)
+                continue
+            parts, weights = layer.parts(), fused_weights(layer)
+            query_rows = logits_for if trim_last and i == last else None
+
+            def run(x, pending_x, i=i, parts=parts, weights=weights, query_rows=query_rows):
+                if position_hook is not None:
+                    return hooked_transformer_layer(x, pending_x, cos, sin, parts, weights, layer=i, key_mask=key_mask,
+                                                    kv_cache=kv_cache, kernels=kernels, position_hook=position_hook)
+                return transformer_layer(x, pending_x, cos, sin, parts, weights, layer=i, key_mask=key_mask,
+                                         kv_cache=kv_cache, columns=columns, fresh=fresh, kernels=kernels,
+                                         query_rows=query_rows)
+
+            if layer_runner is None and i not in reused.layers:
+                h, pending = run(h, pending)
+                continue
+            # The layer's output is needed whole: by the runner, or to record its contribution.
+            h = h if pending is None else h + pending
+            pending = None
+            if layer_runner is not None:
+                h = layer_runner(i, h, lambda x, run=run: torch.add(*run(x, None)))
+            else:
+                layer_input = h
+                h = torch.add(*run(h, None))
+                contributions[i].index_copy_(1, columns, h - layer_input)
+        # Only the positions whose logits are used go through the final norm and the output head.
+        if not trim_last:
+            h = gather_rows(h, logits_for) if logits_for.dim() == 2 else h.index_select(1, logits_for)
+            if pending is not None:
+                pending = gather_rows(pending, logits_for) if logits_for.dim() == 2 else pending.index_select(1, logits_for)
+        if pending is not None:
+            h = h + pending
+        return F.linear(kernels.norm(h, final_norm.weight, final_norm.eps), head).float()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastdllm.models.base import DiffusionLM, fields_from_json, register_family
-from fastdllm.models.layers import BlockParts, KVCache, PositionHook, RMSNorm, swiglu, transformer_layer
+from fastdllm.models.layers import BlockParts, RMSNorm
 
 
 @dataclass
@@ -98,7 +98,7 @@ class DreamConfig:
 
 
 class DreamAttention(nn.Module):
-    """The attention projections under their official names; the math is layers.transformer_layer."""
+    """The attention projections under their official names; the math is DiffusionLM.forward's."""
 
     def __init__(self, config: DreamConfig):
         super().__init__()
@@ -117,9 +117,6 @@ class DreamMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
 
 class DreamDecoderLayer(nn.Module):
     def __init__(self, config: DreamConfig):
@@ -135,10 +132,6 @@ class DreamDecoderLayer(nn.Module):
                           self.post_attention_layernorm, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
                           config.num_attention_heads, config.num_key_value_heads)
 
-    def forward(self, h, cos, sin, *, layer: int, key_mask, kv_cache: Optional[KVCache],
-                position_hook: Optional[PositionHook] = None) -> torch.Tensor:
-        return transformer_layer(h, cos, sin, self.parts(), layer=layer, key_mask=key_mask, kv_cache=kv_cache,
-                                 position_hook=position_hook)
 
 
 @register_family
@@ -146,6 +139,7 @@ class DreamModel(DiffusionLM):
     model_type = "Dream"
     config_class = DreamConfig
     logit_shift = 1
+    variants = frozenset({"qkv_bias"})
     stop_token_strings = ("<|im_end|>", "<|endoftext|>")
     # The release ships vocab.json/merges.txt for a remote DreamTokenizer, which is Qwen2's byte-level BPE.
     tokenizer_class = "Qwen2Tokenizer"

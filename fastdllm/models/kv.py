@@ -45,24 +45,40 @@ class SequenceKV:
         self.fresh = fresh
         return self
 
+    def buffers(self, layer: int, key_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """This layer's whole-sequence buffers, which the forward writes its span into in place; None
+        at a full forward that records fresh keys/values (kept as they are, without a copy)."""
+        if layer in self.keys:
+            return self.keys[layer], self.values[layer]
+        if self.span == (0, self.length):
+            return None
+        if not self.starts_empty:
+            check_recorded(self.keys, layer)
+        rows, kv_heads, _, head_dim = key_shape
+        return self._allocate(layer, (rows, kv_heads, self.length, head_dim), dtype, device)
+
+    def _allocate(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        return self.keys[layer], self.values[layer]
+
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor,
                rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values handed over rather than written in place: a full forward's fresh ones (kept), or
+        some `rows` of the span (a position hook's plan), or a span (a position hook's forward)."""
         start, end = self.span
-        if rows is not None:  # some rows of the span (a position hook's plan)
+        if rows is not None:
             check_recorded(self.keys, layer)
             return scatter_positions(self.keys[layer], self.values[layer], rows + start, key, value)
         if (start, end) == (0, self.length):
-            # The fresh tensors of a full forward are kept as they are, without a copy.
             self.keys[layer], self.values[layer] = key, value
             return key, value
         if layer not in self.keys:
             if not self.starts_empty:
-                raise RuntimeError(
-                    f"layer {layer} has no cached keys/values: it was skipped in the full forward that "
-                    "records them (a reuse strategy must compute every layer at a cache refresh)"
-                )
-            shape = (*key.shape[:2], self.length, key.shape[-1])
-            self.keys[layer], self.values[layer] = key.new_zeros(shape), value.new_zeros(shape)
+                check_recorded(self.keys, layer)
+            self._allocate(layer, (*key.shape[:2], self.length, key.shape[-1]), key.dtype, key.device)
         keys, values = self.keys[layer], self.values[layer]
         if self.fresh is not None:
             keep = ~self.fresh[:, None, :, None]
@@ -96,6 +112,9 @@ class PositionKV:
         self.positions: Optional[torch.Tensor] = None
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+
+    def buffers(self, layer, key_shape, dtype, device) -> None:
+        return None  # written by scattering (update)
 
     def writing(self, positions: Optional[torch.Tensor]) -> "PositionKV":
         self.positions = positions

@@ -1,12 +1,18 @@
-"""Building blocks shared by the model families: RMSNorm, rotary embedding, attention, SwiGLU.
+"""The pieces of the one forward (DiffusionLM.forward): norms, rotary embedding, attention, SwiGLU,
+and the per-position hook interface of the strategies that choose what a layer computes.
 
 The families differ in parameter names and config fields, not in this math, so each family file
-(llada.py, dream.py, ...) wires these blocks under its own official names.
+(llada.py, dream.py, ...) names its modules under common names (`BlockParts`). The forward runs its
+small kernels through a `Kernels` table: the plain functions below eagerly, the same functions
+compiled under engine=compiled (fastdllm/engine.py), so there is one implementation of the math.
+The q/k/v and the gate/up projections run as one matrix product each (`FusedWeights`: the
+parameters become views into one fused matrix, so names, checkpoints and training are unchanged).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import Callable, ContextManager, NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,13 @@ class KVCache(Protocol):
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def buffers(self, layer: int, key_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole-sequence key/value buffers [B, kv_heads, L, d] this forward writes its keys/values
+        into in place, at the forward's `columns` (the rotation and the write are one kernel when
+        compiled); None: hand them to `update` instead."""
+        ...
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -33,10 +46,19 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as the released models do), then cast back before the affine weight.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 (as the released models do), then cast back before the affine weight.
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm, as one kernel when compiled: (h + delta, rms_norm(h + delta))."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,36 +77,79 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    layer: int,
-    key_mask: Optional[torch.Tensor],
-    kv_cache: Optional[KVCache],
-    attn_bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Bidirectional attention of the computed queries over every key of the sequence.
+def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the fused projection [B, n, (heads + 2 kv_heads) d] into rotated q [B, heads, n, d],
+    rotated k and v [B, kv_heads, n, d]."""
+    B, n, width = qkv.shape
+    head_dim = width // (heads + 2 * kv_heads)
+    q, k, v = qkv.view(B, n, heads + 2 * kv_heads, head_dim).transpose(1, 2).split([heads, kv_heads, kv_heads], dim=1)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    q: [B, heads, n, d]; k, v: [B, kv_heads, n, d] for the computed positions (rotary applied).
-    key_mask: [B, L] bool, True where a key may be attended (False on left padding), or a full
-    [B or 1, 1, n, L] bool mask per query (block-causal families, training masks), or None when
-    nothing is padded.
-    attn_bias: optional [B or 1, 1, n, L] bool mask for families that are not fully bidirectional.
+
+def rotate_qkv_into(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                    keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
+                    fresh: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """rotate_qkv, writing k and v into the whole-sequence buffers at columns `index` in the same
+    kernel when compiled; returns q. fresh [B, n]: write only those positions of each row, keep the others."""
+    q, k, v = rotate_qkv(qkv, cos, sin, heads, kv_heads)
+    if fresh is not None:
+        keep = ~fresh[:, None, :, None]
+        k = torch.where(keep, keys.index_select(2, index), k)
+        v = torch.where(keep, values.index_select(2, index), v)
+    keys.index_copy_(2, index, k)
+    values.index_copy_(2, index, v)
+    return q
+
+
+def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def no_backend_choice(q: torch.Tensor) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The small kernels the one forward calls. Eager: these functions as written; engine=compiled
+    replaces them with torch.compile'd copies of the same functions (one fused kernel each) and
+    chooses attention backends per query shape."""
+
+    norm: Callable = rms_norm
+    add_norm: Callable = add_rms_norm
+    rotary: Callable = rotary_cos_sin
+    rotate: Callable = rotate_qkv
+    rotate_into: Callable = rotate_qkv_into
+    gate: Callable = silu_gate
+    # Called with the queries [B, heads, n, d]: the context the attention kernel runs in.
+    attention_backends: Callable[[torch.Tensor], ContextManager] = no_backend_choice
+
+
+EAGER_KERNELS = Kernels()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of the computed queries over every key of the sequence.
+
+    q: [B, heads, n, d]; k, v: [B, kv_heads, L, d] (rotary applied). key_mask: [B, L] bool, True
+    where a key may be attended (False on left padding), or a full [B or 1, 1, n, L] bool mask per
+    query (block-causal families, training masks), or None when nothing is padded.
     """
-    if kv_cache is not None:
-        k, v = kv_cache.update(layer, k, v)
     mask = key_mask if key_mask is None or key_mask.dim() == 4 else key_mask[:, None, None, :]
-    if attn_bias is not None:
-        mask = attn_bias if mask is None else mask & attn_bias
     # Grouped-query attention without materialising the repeated key/value heads.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+# What the one forward implements beyond a plain pre-norm block: biases on the q/k/v projections
+# (Dream, Qwen2) are read from the modules themselves; a family lists the variants it uses.
+BLOCK_VARIANTS = frozenset({"qkv_bias"})
+
+
 class BlockParts(NamedTuple):
     """A pre-norm block's modules under common names (each family names them its own way): what
-    `transformer_layer` and the compiled engine (fastdllm/engine.py) compute with."""
+    the one forward (`transformer_layer`) computes with."""
 
     attn_norm: RMSNorm
     q_proj: nn.Linear
@@ -99,42 +164,61 @@ class BlockParts(NamedTuple):
     kv_heads: int
 
 
-def self_attention(
-    x: torch.Tensor,
-    q_proj: nn.Linear,
-    k_proj: nn.Linear,
-    v_proj: nn.Linear,
-    out_proj: nn.Linear,
-    *,
-    heads: int,
-    kv_heads: int,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    layer: int,
-    key_mask: Optional[torch.Tensor],
-    kv_cache: Optional[KVCache],
-) -> torch.Tensor:
-    """Project x [B, n, d] to rotated queries/keys and values, attend, project back; the families
-    pass their own (officially named) projections."""
-    B, n, _ = x.shape
-    head_dim = q_proj.out_features // heads
-    q = q_proj(x).view(B, n, heads, head_dim).transpose(1, 2)
-    k = k_proj(x).view(B, n, kv_heads, head_dim).transpose(1, 2)
-    v = v_proj(x).view(B, n, kv_heads, head_dim).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    a = attention(q, k, v, layer=layer, key_mask=key_mask, kv_cache=kv_cache)
-    return out_proj(a.transpose(1, 2).reshape(B, n, heads * head_dim))
+class FusedWeights:
+    """One block's weights as the forward multiplies with them: q/k/v as one matrix (and bias), gate/up
+    as one. Built once per block; the parameters become views into the fused matrices, so nothing is
+    duplicated and parameter names, checkpoints and optimizers see the same tensors. Where the views
+    are gone (the module was moved to another device or dtype) they are fused again; while gradients
+    are recorded (training) the fused matrices are concatenated afresh so that gradients reach the
+    parameters."""
+
+    def __init__(self, parts: BlockParts):
+        self.parts = parts
+        self.qkv, self.gate_up = (parts.q_proj, parts.k_proj, parts.v_proj), (parts.gate, parts.up)
+        self.qkv_weight = fuse_rows(self.qkv, "weight")
+        biases = [p.bias for p in self.qkv]
+        self.qkv_bias = None if all(b is None for b in biases) else fuse_rows(self.qkv, "bias")
+        self.gate_up_weight = fuse_rows(self.gate_up, "weight")
+
+    def current(self) -> bool:
+        """Whether the parameters still view the fused matrices (a host-side check, no device read)."""
+        return (self.parts.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr()
+                and self.parts.gate.weight.data_ptr() == self.gate_up_weight.data_ptr()
+                and self.parts.q_proj.weight.dtype == self.qkv_weight.dtype)
+
+    def projections(self) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """(q/k/v weight, q/k/v bias or None, gate/up weight) to multiply with."""
+        if torch.is_grad_enabled():
+            bias = None if self.qkv_bias is None else torch.cat([p.bias for p in self.qkv])
+            return (torch.cat([p.weight for p in self.qkv]), bias, torch.cat([p.weight for p in self.gate_up]))
+        return self.qkv_weight, self.qkv_bias, self.gate_up_weight
 
 
-def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
-    """The feed-forward of every family: down(silu(gate(x)) * up(x))."""
-    return down(F.silu(gate(x)) * up(x))
+def fuse_rows(linears: tuple[nn.Linear, ...], name: str) -> torch.Tensor:
+    """Concatenate the linears' `name` parameters along the output rows, and make each parameter a
+    view into the result: one matrix product computes all of them, and no memory is duplicated."""
+    parts = [getattr(linear, name) for linear in linears]
+    fused = torch.cat([p.detach() for p in parts])
+    offset = 0
+    for part in parts:
+        rows = part.shape[0]
+        part.data = fused[offset: offset + rows]
+        offset += rows
+    return fused
+
+
+def fused_weights(block: nn.Module) -> FusedWeights:
+    """The block's FusedWeights, built on first use (and again if its parameters moved)."""
+    weights = block.__dict__.get("_fused_weights")
+    if weights is None or not weights.current():
+        weights = block.__dict__["_fused_weights"] = FusedWeights(block.parts())
+    return weights
 
 
 class ReusedLayers(NamedTuple):
-    """What engine=compiled does at the next forward with the layers a strategy reuses. The engine
-    keeps each such layer's residual contribution (its output minus its input) per position of the
-    sequence: a forward that computes the layer records it at the computed positions."""
+    """The layers a reuse strategy reuses at the next forward (reuse=layer). The forward keeps each
+    such layer's residual contribution (its output minus its input) per column of the sequence: a
+    forward that computes the layer records it at the computed columns, one that skips it adds it."""
 
     # The layers whose contribution is kept.
     layers: frozenset[int] = frozenset()
@@ -251,28 +335,74 @@ def project_heads(x: torch.Tensor, proj: nn.Linear, heads: int, cos: torch.Tenso
 
 def transformer_layer(
     h: torch.Tensor,
+    pending: Optional[torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
     parts: BlockParts,
+    weights: FusedWeights,
     *,
     layer: int,
     key_mask: Optional[torch.Tensor],
     kv_cache: Optional[KVCache],
-    position_hook: Optional[PositionHook] = None,
-) -> torch.Tensor:
-    """One pre-norm layer, h + attention(attn_norm(h)), then + swiglu(mlp_norm(h)), with the family's
-    modules under common names (`parts`). With a position_hook, the hook's plan decides per row what
-    is computed (see PositionHook); without one, every row is."""
+    columns: Optional[torch.Tensor],
+    fresh: Optional[torch.Tensor],
+    kernels: Kernels,
+    query_rows: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm layer over h + pending [B, n, d]: + attention(attn_norm), then + swiglu(mlp_norm).
+    Returns (h, feed-forward output): the caller adds the second, in the kernel of the next norm.
+    `pending` is what the previous layer left to add (None: nothing). Keys/values go to the kv_cache:
+    in place at `columns` [n] (fresh [B, n]: only those positions per row) when it lends buffers.
+    `query_rows` [m]: run queries, attention and feed-forward for those rows only (the last layer,
+    whose other outputs nothing reads)."""
+    qkv_weight, qkv_bias, gate_up_weight = weights.projections()
+    if pending is None:
+        x = kernels.norm(h, parts.attn_norm.weight, parts.attn_norm.eps)
+    else:
+        h, x = kernels.add_norm(h, pending, parts.attn_norm.weight, parts.attn_norm.eps)
+    rows, n, _ = h.shape
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    head_dim = qkv.shape[-1] // (parts.heads + 2 * parts.kv_heads)
+    buffers = None if kv_cache is None else kv_cache.buffers(layer, (rows, parts.kv_heads, n, head_dim), h.dtype, h.device)
+    if buffers is None:
+        q, k, v = kernels.rotate(qkv, cos, sin, parts.heads, parts.kv_heads)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+    else:
+        k, v = buffers
+        q = kernels.rotate_into(qkv, cos, sin, parts.heads, parts.kv_heads, k, v, columns, fresh)
+    if query_rows is not None:
+        q, h = q.index_select(2, query_rows), h.index_select(1, query_rows)
+        if key_mask is not None and key_mask.dim() == 4:  # a mask per query
+            key_mask = key_mask.index_select(2, query_rows)
+    with kernels.attention_backends(q):
+        a = attention(q, k, v, key_mask)
+    attention_out = F.linear(a.transpose(1, 2).reshape(rows, q.shape[2], -1), parts.out_proj.weight, parts.out_proj.bias)
+    h, x = kernels.add_norm(h, attention_out, parts.mlp_norm.weight, parts.mlp_norm.eps)
+    return h, F.linear(kernels.gate(F.linear(x, gate_up_weight)), parts.down.weight)
+
+
+def hooked_transformer_layer(
+    h: torch.Tensor,
+    pending: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    parts: BlockParts,
+    weights: FusedWeights,
+    *,
+    layer: int,
+    key_mask: Optional[torch.Tensor],
+    kv_cache: Optional[KVCache],
+    kernels: Kernels,
+    position_hook: PositionHook,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformer_layer where the hook's plan decides per row what is computed (see PositionHook)."""
     attn_norm, q_proj, k_proj, v_proj, out_proj, ff_norm, gate, up, down, heads, kv_heads = parts
-
-    def feed_forward(x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, gate, up, down)
-
-    if position_hook is None:
-        h = h + self_attention(attn_norm(h), q_proj, k_proj, v_proj, out_proj, heads=heads, kv_heads=kv_heads,
-                               cos=cos, sin=sin, layer=layer, key_mask=key_mask, kv_cache=kv_cache)
-        return h + feed_forward(ff_norm(h))
-    normed = attn_norm(h)
+    _, _, gate_up_weight = weights.projections()
+    if pending is None:
+        normed = kernels.norm(h, attn_norm.weight, attn_norm.eps)
+    else:
+        h, normed = kernels.add_norm(h, pending, attn_norm.weight, attn_norm.eps)
     plan = position_hook.plan(layer, h, normed, v_proj)
     rows, refresh = plan.compute, plan.refresh if plan.refresh is not None else plan.compute
     if refresh is not None and kv_cache is None:
@@ -293,16 +423,18 @@ def transformer_layer(
         batch_rows, count = rows.shape
         key_mask = key_mask.expand(batch_rows, -1, -1, -1).gather(
             2, rows[:, None, :, None].expand(batch_rows, 1, count, key_mask.shape[-1]))
-    weights = None
+    weights_out = None
     if plan.attention_weights:
-        a, weights = attention_with_weights(q, k, v, key_mask)
+        a, weights_out = attention_with_weights(q, k, v, key_mask)
     else:
-        a = attention(q, k, v, layer=layer, key_mask=key_mask, kv_cache=None)
+        with kernels.attention_backends(q):
+            a = attention(q, k, v, key_mask)
     B, _, k_rows, head_dim = q.shape
     attention_out = scatter_rows(plan.attention_out, rows, out_proj(a.transpose(1, 2).reshape(B, k_rows, heads * head_dim)))
     h = h + attention_out
     if plan.feed_forward_rows is not None:
         rows = plan.feed_forward_rows(attention_out)
-    feed_forward_out = scatter_rows(plan.feed_forward_out, rows, feed_forward(ff_norm(gather_rows(h, rows))))
-    position_hook.record(layer, attention_out, feed_forward_out, weights)
-    return h + feed_forward_out
+    x = kernels.norm(gather_rows(h, rows), ff_norm.weight, ff_norm.eps)
+    feed_forward_out = scatter_rows(plan.feed_forward_out, rows, F.linear(kernels.gate(F.linear(x, gate_up_weight)), down.weight))
+    position_hook.record(layer, attention_out, feed_forward_out, weights_out)
+    return h, feed_forward_out

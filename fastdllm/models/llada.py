@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastdllm.models.base import DiffusionLM, fields_from_json, register_family
-from fastdllm.models.layers import BlockParts, KVCache, PositionHook, RMSNorm, transformer_layer
+from fastdllm.models.layers import BlockParts, RMSNorm
 
 
 @dataclass
@@ -111,10 +111,6 @@ class LLaDABlock(nn.Module):
         return BlockParts(self.attn_norm, self.q_proj, self.k_proj, self.v_proj, self.attn_out, self.ff_norm,
                           self.ff_proj, self.up_proj, self.ff_out, self.config.n_heads, self.config.kv_heads)
 
-    def forward(self, h, cos, sin, *, layer: int, key_mask, kv_cache: Optional[KVCache],
-                position_hook: Optional[PositionHook] = None) -> torch.Tensor:
-        return transformer_layer(h, cos, sin, self.parts(), layer=layer, key_mask=key_mask, kv_cache=kv_cache,
-                                 position_hook=position_hook)
 
 
 @register_family

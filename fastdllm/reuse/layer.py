@@ -17,9 +17,9 @@ sample decodes the same in any batch. Deciding whether to run the layer at all r
 candidate layer per refinement step on the host: with it, the strategy leaves the GPU fast path.
 
 Without adaptive_tolerance (k, which, layers, refresh_interval only) the skipped layers and whether a
-forward skips them are known on the host before it, so engine=compiled runs it (`reused_layers`):
-the engine then keeps the contributions in its own buffers and `run_layer`, which keeps them in
-`self.delta` for engine=eager, is never called.
+forward skips them are known on the host before it (`reused_layers`): the one forward keeps the
+contributions in buffers of the decode (ModelCall.buffer, the engine's under engine=compiled) and
+adds them, on either engine; `run_layer`, which keeps them in `self.delta`, serves adaptive_tolerance.
 """
 from __future__ import annotations
 
@@ -128,6 +128,8 @@ class LayerReuse(ReuseStrategy):
         return ReusedLayers(self.skipped, self.skipping and bool(self.skipped))
 
     def run_layer(self, layer: int, hidden: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """With adaptive_tolerance only (otherwise the forward itself keeps and adds the contributions,
+        see reused_layers)."""
         if layer not in self.skipped:
             return compute(hidden)
         if not self.skipping:
@@ -135,12 +137,9 @@ class LayerReuse(ReuseStrategy):
             self._record(layer, hidden, output)
             return output
         reused = hidden + self.delta[layer][:, self.span]
-        tolerance = self.config.adaptive_tolerance
-        if tolerance is None:
-            return reused
         change = self.change[layer] + relative_change(hidden, self.last_input[layer][:, self.span])
         self.last_input[layer][:, self.span] = hidden
-        stale = change >= tolerance
+        stale = change >= self.config.adaptive_tolerance
         if not bool(stale.any()):  # the host read adaptive_tolerance is documented to cost
             self.change[layer] = change
             return reused
@@ -159,6 +158,5 @@ class LayerReuse(ReuseStrategy):
             self.last_input[layer] = hidden.new_zeros(rows, self.length, width)
             self.change[layer] = hidden.new_zeros(rows, dtype=torch.float32)
         self.delta[layer][:, self.span] = output - hidden
-        if self.config.adaptive_tolerance is not None:
-            self.last_input[layer][:, self.span] = hidden
-            self.change[layer].zero_()
+        self.last_input[layer][:, self.span] = hidden
+        self.change[layer].zero_()
