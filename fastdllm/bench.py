@@ -37,10 +37,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fastdllm.cache import CACHES
 from fastdllm.config import DEVICES, DTYPES, ENGINES, ModelConfig, resolve_device
-from fastdllm.engine import CompiledEngine, build_engine
-from fastdllm.generation import GENERATIONS
+from fastdllm.decoder import Decoder, LoadedModel
 from fastdllm.evaluate import decode_answer, encode_prompts
-from fastdllm.loop import BatchOutput, generate, stop_token_ids
+from fastdllm.forward import ForwardShape
+from fastdllm.generation import GENERATIONS
+from fastdllm.loop import BatchOutput, stop_token_ids
 from fastdllm.models import load_model, load_tokenizer, resolve_checkpoint
 from fastdllm.models.base import MODEL_FAMILIES, DiffusionLM
 from fastdllm.models.tiny import random_model
@@ -158,8 +159,8 @@ class Totals:
     nfe: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     responses: list[torch.Tensor] = field(default_factory=list)
-    # (rows, positions computed, positions with logits, sequence length) of every forward.
-    forwards: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # What every forward computed.
+    forwards: list[ForwardShape] = field(default_factory=list)
 
     def add(self, out: BatchOutput) -> None:
         self.seconds += out.seconds
@@ -210,6 +211,7 @@ class ModelShape:
     """What the floor of a forward depends on."""
 
     weight_bytes: int  # read by every forward: every parameter but the (gathered) token embedding
+    head_bytes: int  # of them, the output head's (read whatever layers a forward skips)
     linear_params: int  # per position: the blocks' matrices
     head_params: int  # per position with logits
     kv_bytes_per_position: int  # keys + values of one position over all layers
@@ -224,19 +226,23 @@ class ModelShape:
         weights = sum(p.numel() for p in model.parameters()) - (0 if head is embedding.weight else embedding.weight.numel())
         return cls(
             weight_bytes=weights * element,
+            head_bytes=head.numel() * element,
             linear_params=sum(p.numel() for p in blocks.parameters() if p.dim() == 2),
             head_params=head.numel(),
             kv_bytes_per_position=2 * parts.kv_heads * head_dim * len(blocks) * element,
             attention_width=parts.heads * head_dim * len(blocks),
         )
 
-    def floor(self, forwards: list[tuple[int, int, int, int]], ceilings: Ceilings) -> tuple[float, str]:
-        """Seconds at least needed for these forwards (rows, computed, with logits, length), and the
-        term that bounds most of them ('memory' or 'compute')."""
+    def floor(self, forwards: list[ForwardShape], ceilings: Ceilings) -> tuple[float, str]:
+        """Seconds at least needed for these forwards, from what each actually computed (the positions
+        each layer ran over, the layers run), and the term that bounds most of them ('memory' or 'compute')."""
         total, compute_bound = 0.0, 0
-        for rows, n, m, length in forwards:
-            memory = (self.weight_bytes + rows * length * self.kv_bytes_per_position) / ceilings.bandwidth
-            flops = 2 * rows * (n * self.linear_params + m * self.head_params + 2 * n * length * self.attention_width)
+        for rows, n, m, length, layers, num_layers in forwards:
+            share = layers / num_layers  # of the blocks' weights and keys/values read, and their products
+            weights = self.head_bytes + (self.weight_bytes - self.head_bytes) * share
+            memory = (weights + rows * length * self.kv_bytes_per_position * share) / ceilings.bandwidth
+            flops = 2 * rows * (share * n * self.linear_params + m * self.head_params
+                                + 2 * share * n * length * self.attention_width)
             compute = flops / ceilings.matmul
             total += max(memory, compute)
             compute_bound += compute > memory
@@ -267,17 +273,18 @@ def run(cfg: BenchConfig, model_cfg: ModelConfig) -> tuple[list[str], list[dict[
     on_gpu = device.type == "cuda"
     ceilings = measure_ceilings(device, dtype) if on_gpu else None
     shape = ModelShape.of(work.model)
-    engine = build_engine(cfg.engine, work.model)
+    loaded = LoadedModel.of(work.model, engine=cfg.engine, stop_ids=work.stop_ids)
+    eager = LoadedModel.of(work.model, engine="eager", stop_ids=work.stop_ids)
+    engine = loaded.engine
     engine_name = "eager" if engine is None else "compiled"
     if engine is not None and cfg.random_weights:
         # Random prompts of one length: every forward shape recurs in every decode, as in a long run of
         # fixed shapes, so its kernels are specialised from the first capture (within the warm-up).
         engine.specialise_after = 1
 
-    def decode(cache, batch: range, engine: Optional[CompiledEngine]) -> BatchOutput:
+    def decode(decoder: Decoder, batch: range) -> BatchOutput:
         generators = [torch.Generator(device).manual_seed(cfg.seed + i) for i in batch]
-        return generate(work.model, [work.prompts[i] for i in batch], gen_length=gen_length, generation=generation,
-                        cache=cache, reuse=reuse, generators=generators, stop_ids=work.stop_ids, engine=engine)
+        return decoder.generate([work.prompts[i] for i in batch], gen_length=gen_length, generators=generators)
 
     header = [f"{work.description} | prompt {cfg.prompt_length if cfg.random_weights else 'dataset'}, gen_length {gen_length}, "
               f"block {generation.config.block_length}, {gen_length // (num_blocks * steps_per_block)} tokens/step, "
@@ -301,11 +308,12 @@ def run(cfg: BenchConfig, model_cfg: ModelConfig) -> tuple[list[str], list[dict[
             if on_gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
+            decoder = Decoder(loaded, generation, cache, reuse)
             for _ in range(cfg.warmup):
-                decode(cache, batches[0], engine)
+                decode(decoder, batches[0])
             totals = Totals()
             for batch in batches:
-                totals.add(decode(cache, batch, engine))
+                totals.add(decode(decoder, batch))
             responses = torch.cat(totals.responses)
             reference = responses if reference is None else reference
             row = {
@@ -319,14 +327,17 @@ def run(cfg: BenchConfig, model_cfg: ModelConfig) -> tuple[list[str], list[dict[
             }
             if ceilings is not None:
                 row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            # The floor assumes every layer runs over every computed position, which a reuse strategy avoids.
-            if ceilings is not None and reuse.config.name == "none":
+            report = decoder.engine_report()
+            row.update(engine=report["engine"], warmup_s=report["warmup_seconds"],
+                       engine_fallbacks="; ".join(report["engine_fallbacks"]) or "none")
+            # The floor counts what each forward actually computed (positions per layer, layers run).
+            if ceilings is not None:
                 floor, bound = shape.floor(totals.forwards, ceilings)
                 row.update(floor_ms_per_step=1000 * floor / totals.steps, x_floor=totals.seconds / floor, bound=bound)
             if engine is not None and cfg.check_eager and batch_size == batch_sizes[0]:
-                eager = decode(cache, batches[0], None)
-                row["same_as_eager"] = (eager.responses == totals.responses[0]).float().mean().item()
-                row["eager_ms_per_step"] = 1000 * eager.seconds / max(len(c) for c in eager.committed_per_step)
+                eager_out = decode(Decoder(eager, generation, cache, reuse), batches[0])
+                row["same_as_eager"] = (eager_out.responses == totals.responses[0]).float().mean().item()
+                row["eager_ms_per_step"] = 1000 * eager_out.seconds / max(len(c) for c in eager_out.committed_per_step)
             cache.begin_batch()  # drop its keys/values, so the next cache's peak memory is its own
             if work.score is not None:
                 row["accuracy"] = sum(work.score(r.tolist(), i) for i, r in enumerate(responses)) / len(responses)
@@ -336,7 +347,7 @@ def run(cfg: BenchConfig, model_cfg: ModelConfig) -> tuple[list[str], list[dict[
     if engine is not None:
         engine.clear()
     if cfg.ar_baseline:
-        del work, engine
+        del work, engine, loaded, eager, decoder
         torch.cuda.empty_cache()
         ar_rows = autoregressive_rows(cfg, gen_length, dtype, device, ceilings)
         print_table(ar_rows)
@@ -366,6 +377,7 @@ def autoregressive_rows(cfg: BenchConfig, gen_length: int, dtype: torch.dtype, d
     layers = model.model.layers
     shape = ModelShape(
         weight_bytes=(params - embedding.numel()) * embedding.element_size(),
+        head_bytes=model.lm_head.weight.numel() * embedding.element_size(),
         linear_params=sum(p.numel() for p in layers.parameters() if p.dim() == 2),
         head_params=model.lm_head.weight.numel(),
         kv_bytes_per_position=2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
@@ -395,8 +407,9 @@ def autoregressive_rows(cfg: BenchConfig, gen_length: int, dtype: torch.dtype, d
                "ms_per_step": 1000 * seconds / new_tokens, "tokens_per_s": batch_size * new_tokens / seconds}
         if ceilings is not None:
             # The prefill, then one position per step attending to the positions before it.
-            forwards = [(batch_size, cfg.prompt_length, 1, cfg.prompt_length)]
-            forwards += [(batch_size, 1, 1, cfg.prompt_length + t) for t in range(1, new_tokens)]
+            layers = config.num_hidden_layers
+            forwards = [ForwardShape(batch_size, cfg.prompt_length, 1, cfg.prompt_length, layers, layers)]
+            forwards += [ForwardShape(batch_size, 1, 1, cfg.prompt_length + t, layers, layers) for t in range(1, new_tokens)]
             floor, bound = shape.floor(forwards, ceilings)
             row.update(floor_ms_per_step=1000 * floor / new_tokens, x_floor=seconds / floor, bound=bound,
                        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)

@@ -8,7 +8,7 @@ positions and layer-positions computed, so that every strategy is counted the sa
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -17,6 +17,19 @@ from fastdllm.models.base import DiffusionLM
 from fastdllm.models.kv import SequenceKV
 from fastdllm.models.layers import KVCache, LayerPlan, PositionHook, ReusedLayers
 from fastdllm.reuse.base import ReuseStrategy
+
+
+class ForwardShape(NamedTuple):
+    """What one forward computed, for the bench's floor: its rows, the positions each layer ran over
+    (the mean over layers where a position hook chooses per layer), the positions with logits, the
+    sequence length, and how many of the model's layers it ran."""
+
+    rows: int
+    positions: float
+    logits: int
+    length: int
+    layers: int
+    num_layers: int
 
 
 class ModelCall:
@@ -56,7 +69,7 @@ class ModelCall:
         self.forwards = 0
         self.positions = 0
         # (rows, positions computed, positions with logits, sequence length) of every forward of the batch.
-        self.forward_shapes: list[tuple[int, int, int, int]] = []
+        self.forward_shapes: list[ForwardShape] = []
         self.layer_positions = 0
         self.hooked = False
         self.kept: dict[tuple, torch.Tensor] = {}
@@ -170,11 +183,15 @@ class ModelCall:
             logits = self.engine.forward(ids, positions, key_mask, **options)
         else:
             logits = self.model(ids, positions, key_mask, layer_runner=self.run_layer if on_host else None, **options)
+        layers = self.num_layers - (len(reused.layers) if reused.skipping else 0)
         if self.hooked:
             self.layer_positions += position_hook.counted
-        elif not on_host:  # every layer not skipped runs over every computed position (run_layer counts otherwise)
-            self.layer_positions += n * (self.num_layers - (len(reused.layers) if reused.skipping else 0))
-        self.forward_shapes.append((ids.shape[0], ids.shape[1], logits.shape[1], self.length))
+            computed = position_hook.counted / self.num_layers
+        else:
+            # Every layer not skipped runs over every computed position (run_layer counts on the host path).
+            self.layer_positions += 0 if on_host else n * layers
+            computed = n
+        self.forward_shapes.append(ForwardShape(rows, computed, logits.shape[1], self.length, layers, self.num_layers))
         logits = logits[..., : self.model.config.vocab_size]
         if self.cfg_scale > 0:
             conditional, unconditional = logits.chunk(2)

@@ -42,13 +42,9 @@ import fastdllm.generation  # noqa: F401
 import fastdllm.loggers  # noqa: F401
 import fastdllm.reuse  # noqa: F401
 import fastdllm.tasks  # noqa: F401
-from fastdllm.cache import CACHES
 from fastdllm.config import resolve_device
 from fastdllm.evaluate import decode_answer, sample_seed, validate
-from fastdllm.generation import GENERATIONS
-from fastdllm.loop import generate, stop_token_ids
-from fastdllm.models import load_model, load_tokenizer, resolve_checkpoint
-from fastdllm.reuse import REUSES
+from fastdllm.decoder import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_MAX_GEN_TOKS = 256
@@ -73,13 +69,10 @@ class FastDLLMHarness(LM):
         self.settings = validate(cfg)
         run = self.settings.run
         self._device = resolve_device(device if device in ("cpu", "cuda") else run.device)
-        checkpoint = resolve_checkpoint(self.settings.model.path, self.settings.model.revision)
-        self.model = load_model(checkpoint, getattr(torch, run.dtype), self._device)
-        self.tokenizer = load_tokenizer(checkpoint)
-        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
-        self.generation = GENERATIONS.build(self.settings.generation)
-        self.cache = CACHES.build(self.settings.cache)
-        self.reuse = REUSES.build(self.settings.reuse)
+        self.decoder = build(self.settings.model.path, self.settings.model.revision, dtype=run.dtype,
+                             device=self._device, engine=run.engine, generation=self.settings.generation,
+                             cache=self.settings.cache, reuse=self.settings.reuse)
+        self.model, self.tokenizer, self.stop_ids = self.decoder.model, self.decoder.tokenizer, self.decoder.stop_ids
         self.batch_size = batch
         # Forward passes and decode seconds of every generate_until call, counted by the loop.
         self.nfe_total, self.decode_seconds = 0, 0.0
@@ -126,9 +119,7 @@ class FastDLLMHarness(LM):
                 kwargs: list[dict[str, Any]]) -> list[str]:
         seed = self.settings.run.seed
         generators = [torch.Generator(self._device).manual_seed(sample_seed(seed, contexts[i])) for i in indices]
-        out = generate(self.model, [prompts[i] for i in indices], gen_length=gen_length,
-                       generation=self.generation, cache=self.cache, reuse=self.reuse, generators=generators,
-                       stop_ids=self.stop_ids)
+        out = self.decoder.generate([prompts[i] for i in indices], gen_length=gen_length, generators=generators)
         self.nfe_total += sum(out.nfe)
         self.decode_seconds += out.seconds
         texts = []

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 import torch
 
 from fastdllm.cache.base import CacheStrategy
-from fastdllm.engine import CompiledEngine, notice
-from fastdllm.forward import ModelCall
+from fastdllm.engine import CompiledEngine
+from fastdllm.forward import ForwardShape, ModelCall
 from fastdllm.generation.base import GenerationStrategy, certainty_density
 from fastdllm.models.base import DiffusionLM
 from fastdllm.registry import ConfigError
@@ -34,8 +34,8 @@ class BatchOutput:
     committed_per_step: list[list[int]]
     # Decode wall time of the whole batch (device-synchronised).
     seconds: float
-    # (rows, positions computed, positions with logits, sequence length) of each forward pass over the batch.
-    forward_shapes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # What each forward pass over the batch computed (forward.ForwardShape).
+    forward_shapes: list[ForwardShape] = field(default_factory=list)
     # Per sample: positions x layers actually computed (a skipped layer counts 0).
     layer_positions: list[int] = field(default_factory=list)
 
@@ -157,7 +157,7 @@ def generate(
     in_response = torch.arange(layout.length, device=device)[None, :] >= response_starts[:, None]
 
     if engine is not None and not reuse.runs_compiled():
-        notice(f"reuse={reuse.config.name} decides per layer on the host (run_layer); its forwards run eager")
+        engine.fallback(f"reuse={reuse.config.name} decides per layer on the host (run_layer); its forwards run eager")
         engine = None
     sub_block_length = config.sub_block_length or block_length
     call = ModelCall(model, tokens, key_mask, prompt_mask, config.cfg_scale, reuse, engine,

@@ -27,12 +27,11 @@ import fastdllm.cache  # noqa: F401  (each import registers its group's options 
 import fastdllm.generation  # noqa: F401
 import fastdllm.reuse  # noqa: F401
 from fastdllm.cache import CACHES
-from fastdllm.config import DEVICES, DTYPES, ModelConfig, resolve_device
+from fastdllm.config import DEVICES, DTYPES, ENGINES, ModelConfig, resolve_device
 from fastdllm.evaluate import decode_answer
 from fastdllm.generation import GENERATIONS
-from fastdllm.loop import BatchOutput, Step, generate, stop_token_ids
-from fastdllm.models import load_model, load_tokenizer, resolve_checkpoint
-from fastdllm.models.base import DiffusionLM
+from fastdllm.decoder import Decoder, LoadedModel, load
+from fastdllm.loop import BatchOutput, Step
 from fastdllm.registry import ConfigError, check
 from fastdllm.reuse import REUSES
 
@@ -51,12 +50,15 @@ class ChatConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
+    # How forwards run (fastdllm/engine.py): auto = compiled on CUDA, eager elsewhere.
+    engine: str = "auto"
     # Put before the conversation as a system message (chat-template models); null: none.
     system_prompt: Optional[str] = None
 
     def __post_init__(self) -> None:
         check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {list(DTYPES)}")
         check(self.device in DEVICES, "device", self.device, f"choose one of {list(DEVICES)}")
+        check(self.engine in ENGINES, "engine", self.engine, f"choose one of {list(ENGINES)}")
 
 
 ConfigStore.instance().store(name="chat_schema", node=ChatConfig)
@@ -153,14 +155,6 @@ def group_options(group: str) -> list[str]:
 # ---------------------------------------------------------------- models
 
 
-@dataclass
-class LoadedModel:
-    model: DiffusionLM
-    tokenizer: Any
-    stop_ids: list[int]
-    device: torch.device
-
-
 # Models kept in memory: the two of a side-by-side comparison; loading a third drops the least recently used.
 MODELS_KEPT = 2
 _models: OrderedDict[tuple, LoadedModel] = OrderedDict()
@@ -170,15 +164,13 @@ _models_lock = threading.Lock()
 def loaded_model(settings: Settings) -> LoadedModel:
     """The settings' model, loaded once per (checkpoint, dtype, device) and kept for later turns."""
     device = resolve_device(settings.run.device)
-    key = (settings.model.path, settings.model.revision, settings.run.dtype, str(device))
+    key = (settings.model.path, settings.model.revision, settings.run.dtype, str(device), settings.run.engine)
     with _models_lock:
         if key not in _models:
             while len(_models) >= MODELS_KEPT:
                 _models.popitem(last=False)
-            checkpoint = resolve_checkpoint(settings.model.path, settings.model.revision)
-            model = load_model(checkpoint, getattr(torch, settings.run.dtype), device)
-            tokenizer = load_tokenizer(checkpoint)
-            _models[key] = LoadedModel(model, tokenizer, stop_token_ids(model, tokenizer), device)
+            _models[key] = load(settings.model.path, settings.model.revision, settings.run.dtype, device,
+                                settings.run.engine)
         _models.move_to_end(key)
         return _models[key]
 
@@ -210,6 +202,8 @@ class Answer:
     layer_positions: int
     steps: int
     seconds: float
+    # Decoder.engine_report(): the engine that ran, its fallbacks and warm-up seconds.
+    engine: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -223,7 +217,8 @@ class Answer:
     def metrics(self) -> str:
         return (f"{self.tokens} tokens in {self.seconds:.2f} s | {self.tokens_per_s:.1f} tokens/s | NFE {self.nfe} | "
                 f"{self.tokens_per_step:.2f} tokens/step | {self.positions} positions, {self.layer_positions} "
-                "layer-positions computed")
+                f"layer-positions computed | engine={self.engine.get('engine', 'eager')}"
+                + "".join(f" ({reason})" for reason in self.engine.get("engine_fallbacks", [])))
 
 
 @dataclass
@@ -331,15 +326,12 @@ def decode(settings: Settings, messages: list[dict[str, str]]) -> Iterator[Trace
         steps.put((step.start - offset, step.end - offset, step.committed[0].tolist(),
                    step.tokens[0, step.start:step.end].tolist()))
 
+    decoder = Decoder.of(loaded, settings.generation, settings.cache, settings.reuse)
+
     def work() -> None:
         try:
-            steps.put(generate(
-                loaded.model, [prompt], gen_length=gen_length,
-                generation=GENERATIONS.build(settings.generation), cache=CACHES.build(settings.cache),
-                reuse=REUSES.build(settings.reuse),
-                generators=[torch.Generator(loaded.device).manual_seed(settings.run.seed)],
-                stop_ids=loaded.stop_ids, on_step=on_step,
-            ))
+            steps.put(decoder.generate([prompt], gen_length=gen_length, on_step=on_step,
+                                       generators=[torch.Generator(loaded.device).manual_seed(settings.run.seed)]))
         except BaseException as err:  # handed to the reader, which raises it in its own thread
             steps.put(err)
 
@@ -359,7 +351,7 @@ def decode(settings: Settings, messages: list[dict[str, str]]) -> Iterator[Trace
                 # The trace keeps what the steps committed; the loop's early stop may have filled the rest.
                 text, tokens = decode_answer(loaded.tokenizer, item.responses[0].tolist(), loaded.stop_ids)
                 trace.answer = Answer(text, tokens, item.nfe[0], item.positions[0], item.layer_positions[0],
-                                      len(item.committed_per_step[0]), item.seconds)
+                                      len(item.committed_per_step[0]), item.seconds, decoder.engine_report())
                 yield trace
                 return
             trace.record(*item)

@@ -36,15 +36,12 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fastdllm.cache import CACHES
 from fastdllm.config import DEVICES, resolve_device
+from fastdllm.decoder import Decoder, LoadedModel
 from fastdllm.evaluate import decode_answer, encode_prompts
-from fastdllm.generation import GENERATIONS
-from fastdllm.loop import generate, stop_token_ids
 from fastdllm.models import load_model, load_tokenizer, save_checkpoint
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.registry import ConfigError, check
-from fastdllm.reuse import REUSES
 from fastdllm.tasks import TASKS, Example, Task
 
 # LLaDA's SFT draws the masking rate as (1 - eps) * u + eps, so that 1/t stays bounded.
@@ -182,15 +179,12 @@ def evaluate(model, task: Task, encoder: ResponseEncoder, generation: dict[str, 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    stop_ids = stop_token_ids(model, encoder.tokenizer)
+    decoder = Decoder.of(LoadedModel.of(model, encoder.tokenizer), generation, {"name": "none"}, {"name": "none"})
+    stop_ids = decoder.stop_ids
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = generate(
-            model, encoder.prompts(examples), gen_length=encoder.gen_length,
-            generation=GENERATIONS.build(generation),
-            cache=CACHES.build({"name": "none"}), reuse=REUSES.build({"name": "none"}),
-            # Greedy decoding draws no random numbers; the loop still takes one generator per row.
-            generators=[torch.Generator() for _ in examples], stop_ids=stop_ids,
-        )
+        # Greedy decoding draws no random numbers; the loop still takes one generator per row.
+        out = decoder.generate(encoder.prompts(examples), gen_length=encoder.gen_length,
+                               generators=[torch.Generator() for _ in examples])
     model.train(was_training)
     completions = [decode_answer(encoder.tokenizer, r.tolist(), stop_ids)[0] for r in out.responses]
     correct = [task.is_correct(task.extract_answer(c), ex.gold) for c, ex in zip(completions, examples)]
