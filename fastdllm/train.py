@@ -38,7 +38,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fastdllm.cache import CACHES
 from fastdllm.config import DEVICES, resolve_device
-from fastdllm.evaluate import decode_answer, encode_prompts
+from fastdllm.tasks.prompts import decode_answer, encode_prompts
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import generate, stop_token_ids
 from fastdllm.models import load_model, load_tokenizer, save_checkpoint
