@@ -21,7 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fastdllm.evaluate import CONFIG_FILE, RESULTS_FILE, RESUMABLE_KEYS, SAMPLES_FILE, read_samples
+from fastdllm.rundir import CONFIG_FILE, RESULTS_FILE, RESUMABLE_KEYS, SAMPLES_FILE, read_samples
 from fastdllm.plot import markdown_table
 from fastdllm.registry import ConfigError, check
 

@@ -38,7 +38,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from fastdllm.cache import CACHES
 from fastdllm.config import DEVICES, DTYPES, ENGINES, ModelConfig, resolve_device
 from fastdllm.decoder import Decoder, LoadedModel
-from fastdllm.evaluate import decode_answer, encode_prompts
 from fastdllm.forward import ForwardShape
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import BatchOutput, stop_token_ids
@@ -48,6 +47,7 @@ from fastdllm.models.tiny import random_model
 from fastdllm.registry import ConfigError, check
 from fastdllm.reuse import REUSES
 from fastdllm.tasks import TASKS
+from fastdllm.tasks.prompts import decode_answer, encode_prompts
 
 
 @dataclass

@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from fastdllm.evaluate import CONFIG_FILE
+from fastdllm.rundir import CONFIG_FILE
 from fastdllm.models import CheckpointError
 from fastdllm.registry import ConfigError, unknown_key_message
 

@@ -43,8 +43,10 @@ import fastdllm.loggers  # noqa: F401
 import fastdllm.reuse  # noqa: F401
 import fastdllm.tasks  # noqa: F401
 from fastdllm.config import resolve_device
-from fastdllm.evaluate import decode_answer, sample_seed, validate
 from fastdllm.decoder import build
+from fastdllm.evaluate import sample_seed
+from fastdllm.settings import validate
+from fastdllm.tasks.prompts import decode_answer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_MAX_GEN_TOKS = 256

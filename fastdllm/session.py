@@ -28,12 +28,12 @@ import fastdllm.generation  # noqa: F401
 import fastdllm.reuse  # noqa: F401
 from fastdllm.cache import CACHES
 from fastdllm.config import DEVICES, DTYPES, ENGINES, ModelConfig, resolve_device
-from fastdllm.evaluate import decode_answer
-from fastdllm.generation import GENERATIONS
 from fastdllm.decoder import Decoder, LoadedModel, load
+from fastdllm.generation import GENERATIONS
 from fastdllm.loop import BatchOutput, Step
 from fastdllm.registry import ConfigError, check
 from fastdllm.reuse import REUSES
+from fastdllm.tasks.prompts import decode_answer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "cache", "generation", "reuse")

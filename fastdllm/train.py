@@ -38,11 +38,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fastdllm.config import DEVICES, resolve_device
 from fastdllm.decoder import Decoder, LoadedModel
-from fastdllm.evaluate import decode_answer, encode_prompts
 from fastdllm.models import load_model, load_tokenizer, save_checkpoint
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.registry import ConfigError, check
 from fastdllm.tasks import TASKS, Example, Task
+from fastdllm.tasks.prompts import decode_answer, encode_prompts
 
 # LLaDA's SFT draws the masking rate as (1 - eps) * u + eps, so that 1/t stays bounded.
 MIN_MASK_RATE = 1e-3

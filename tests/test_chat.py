@@ -14,7 +14,8 @@ import fastdllm.loggers  # noqa: F401
 import fastdllm.tasks  # noqa: F401
 from conftest import PROMPTS, REPO
 from fastdllm.cache import CACHES
-from fastdllm.evaluate import read_samples, run
+from fastdllm.evaluate import run
+from fastdllm.rundir import read_samples
 from fastdllm.generation import GENERATIONS
 from fastdllm.loop import generate, stop_token_ids
 from fastdllm.registry import ConfigError

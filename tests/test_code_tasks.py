@@ -163,7 +163,7 @@ def test_local_gzip_file_reads_like_jsonl(tmp_path):
 def test_yaml_composes_and_top_level_flag_reaches_the_task(dataset):
     from hydra import compose, initialize_config_dir
 
-    from fastdllm.evaluate import validate
+    from fastdllm.settings import validate
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         allowed = validate(compose(config_name="config", overrides=[f"dataset={dataset}", "allow_code_eval=true",
@@ -178,7 +178,8 @@ def test_yaml_composes_and_top_level_flag_reaches_the_task(dataset):
 def test_eval_runs_a_code_task_end_to_end(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from fastdllm.evaluate import read_samples, run
+    from fastdllm.evaluate import run
+    from fastdllm.rundir import read_samples
     from fastdllm.score import rescore
 
     rows = [{"task_id": "Toy/0", "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "canonical_solution": "    return a + b\n",

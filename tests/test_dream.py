@@ -277,7 +277,7 @@ def test_hydra_presets_compose():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import fastdllm.evaluate  # noqa: F401  (registers every group's schema)
+    import fastdllm.settings  # noqa: F401  (registers every group's schema)
     from fastdllm.config import ModelConfig
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -17,8 +17,10 @@ import fastdllm.loggers  # noqa: F401
 import fastdllm.reuse  # noqa: F401
 import fastdllm.tasks  # noqa: F401
 from conftest import GSM8K_PATH, REPO
-from fastdllm.evaluate import read_samples, run, validate
+from fastdllm.evaluate import run
 from fastdllm.registry import ConfigError
+from fastdllm.rundir import read_samples
+from fastdllm.settings import validate
 
 pytestmark = pytest.mark.skipif(not GSM8K_PATH.is_file(), reason=f"{GSM8K_PATH} not found (clone next to ../shared)")
 

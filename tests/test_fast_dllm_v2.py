@@ -23,7 +23,8 @@ from conftest import REPO, run_generate
 from fastdllm.cache import CACHES
 from fastdllm.config import ASSETS
 from fastdllm.engine import build_engine
-from fastdllm.evaluate import encode_prompts, run
+from fastdllm.evaluate import run
+from fastdllm.tasks.prompts import encode_prompts
 from fastdllm.generation import GENERATIONS
 from fastdllm.forward import ModelCall
 from fastdllm.loop import answer_length, generate, stop_token_ids

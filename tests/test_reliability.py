@@ -15,12 +15,12 @@ import torch
 
 from conftest import GSM8K_PATH, REPO
 from fastdllm.config import set_cpu_threads
-from fastdllm.evaluate import read_samples, validate
 from fastdllm.models import CheckpointError, load_model, load_tokenizer
 from fastdllm.models.loading import read_config
 from fastdllm.models.tiny import build_tiny_model
 from fastdllm.registry import ConfigError
-from fastdllm.rundir import RunDirLock
+from fastdllm.rundir import RunDirLock, read_samples
+from fastdllm.settings import validate
 from fastdllm.tasks import TASKS
 from test_eval import cli, compose_config, evaluate, overrides
 
