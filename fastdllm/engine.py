@@ -107,8 +107,6 @@ class CapturedForward:
             if tensor is not None:
                 self.static[name].copy_(tensor)
         self.graph.replay()
-        if self.hook is not None:
-            self.hook.counted = self.counted
         # A copy: the next replay overwrites the graph's output while the caller may still hold this one.
         return self.output.clone()
 
@@ -228,8 +226,8 @@ class CompiledEngine:
         if position_hook is not None:
             hook_key = position_hook.capture_key()
             if hook_key is None:
-                self.fallback(f"{type(position_hook).__name__} chooses its positions on the host: its forwards run "
-                              "without CUDA graphs")
+                strategy = type(getattr(position_hook, "hook", position_hook)).__name__  # inside a CountingHook
+                self.fallback(f"{strategy} chooses its positions on the host: its forwards run without CUDA graphs")
                 return run(**inputs)
             state = tuple(position_hook.state_tensors())
         # The shape leaves out the sequence length (of the mask's keys, of the buffers: symbolic in the
@@ -251,7 +249,10 @@ class CompiledEngine:
                                                             hook=position_hook)
             self.warmup_seconds += time.perf_counter() - started
             self.pool = captured.pool
-        return captured(inputs)
+        logits = captured(inputs)
+        if position_hook is not None:  # what its plans computed, counted as the graph was captured
+            position_hook.counted = captured.counted
+        return logits
 
     def _batch_shape(self, key: tuple[int, int]) -> None:
         """One batch shape (rows, length) at a time (an evaluation's batches differ in length): the

@@ -48,15 +48,17 @@ class ModelCall:
         # engine=compiled runs the forwards it supports; None runs DiffusionLM.forward (engine=eager).
         self.engine = engine
         self.tokens = tokens
+        self.length = tokens.shape[1]
+        self.cfg_scale = cfg_scale
+        self.kept: dict[tuple, torch.Tensor] = {}
         # None when nothing is padded: attention then needs no mask (decided once per batch, since
-        # reading a GPU tensor's value in every layer would stall the device).
-        self.key_mask = None if bool(key_mask.all()) else key_mask
+        # reading a GPU tensor's value in every layer would stall the device). Kept in a buffer, so
+        # that strategies reading it inside a captured forward read this batch's.
+        self.key_mask = None if bool(key_mask.all()) else self.buffer(("key_mask",), key_mask.shape, key_mask.dtype).copy_(key_mask)
         self.prompt_mask = prompt_mask
         # Absolute positions, 0 at each sample's first prompt token (left padding does not shift them).
         self.position_ids = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
-        self.cfg_scale = cfg_scale
         self.reuse = reuse
-        self.length = tokens.shape[1]
         self.shift = model.logit_shift
         # Block-causal families: the block size of their attention mask (the loop lays the batch out so
         # that every sample's blocks start at the same columns); None: bidirectional attention.
@@ -72,17 +74,29 @@ class ModelCall:
         self.forward_shapes: list[ForwardShape] = []
         self.layer_positions = 0
         self.hooked = False
-        self.kept: dict[tuple, torch.Tensor] = {}
 
     def buffer(self, name: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A zero-initialised tensor a strategy keeps across the batch's forwards and updates in place.
         Under engine=compiled it is the engine's, the same for every batch of this shape, so that the
         captured graphs that read and write it stay valid (it is then not zeroed again per batch)."""
         if self.engine is not None:
-            return self.engine.buffer(self.tokens.shape[0], self.length, name, shape, dtype)
+            return self.engine.buffer(self.rows, self.length, name, shape, dtype)
         if (name, shape, dtype) not in self.kept:
             self.kept[(name, shape, dtype)] = torch.zeros(shape, dtype=dtype, device=self.tokens.device)
         return self.kept[(name, shape, dtype)]
+
+    @property
+    def rows(self) -> int:
+        """Rows of every forward of the batch: the samples, twice with classifier-free guidance."""
+        return self.tokens.shape[0] * (2 if self.cfg_scale > 0 else 1)
+
+    def kv_buffers(self, name: str) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Key and value buffers [rows, kv_heads, L, head_dim] for every layer (self.buffer's, so kept
+        in place under engine=compiled): the storage of a models.kv.PositionKV."""
+        parts = self.model.parts()[1][0].parts()
+        shape = (self.rows, parts.kv_heads, self.length, parts.q_proj.out_features // parts.heads)
+        return ({layer: self.buffer((name, "keys", layer), shape, self.dtype) for layer in range(self.num_layers)},
+                {layer: self.buffer((name, "values", layer), shape, self.dtype) for layer in range(self.num_layers)})
 
     def attention_mask(self, queries: torch.Tensor, keys: tuple[int, int], first: Optional[int] = None
                        ) -> Optional[torch.Tensor]:
@@ -122,8 +136,7 @@ class ModelCall:
             raise ValueError(f"computing positions [{start}, {end}) cannot predict block [{block_start}, {block_end})")
         # A forward over the whole sequence with a key/value cache records every layer's keys/values.
         records_kv = kv_cache is not None and (start, end) == (0, self.length)
-        self.reuse.begin_forward(start, end, length=self.length, records_kv=records_kv, key_mask=self.key_mask,
-                                 cache_hook=position_hook is not None)
+        self.reuse.begin_forward(self, start, end, records_kv=records_kv, cache_hook=position_hook is not None)
         key_mask = self.attention_mask(torch.arange(start, end, device=self.tokens.device),
                                        (0, self.length) if kv_cache is not None else (start, end), first=start)
         logits = self._forward(lambda t: t[:, start:end], key_mask, kv_cache, position_hook, slice(lo - start, hi - start),

@@ -71,13 +71,21 @@ def test_hook_computing_every_row_is_the_plain_forward(family):
         assert torch.equal(model(ids, positions, key_mask, position_hook=Everything()), model(ids, positions, key_mask))
 
 
+def position_kv(model, ids: torch.Tensor) -> PositionKV:
+    """A PositionKV with zeroed buffers for every layer of `model` over the batch `ids`."""
+    blocks = model.parts()[1]
+    parts = blocks[0].parts()
+    shape = (ids.shape[0], parts.kv_heads, ids.shape[1], parts.q_proj.out_features // parts.heads)
+    return PositionKV({i: torch.zeros(shape) for i in range(len(blocks))}, {i: torch.zeros(shape) for i in range(len(blocks))})
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kv_kind", ["position", "sequence"])
 @pytest.mark.parametrize("count,extra,weights,pad", [(4, 0, False, 0), (5, 3, False, 3), (1, 0, True, 3), (12, 0, True, 0)])
 def test_recomputing_a_subset_reproduces_the_full_forward(family, kv_kind, count, extra, weights, pad):
     model, _ = build_tiny_model(family, std=0.3, seed=1)
     ids, positions, key_mask = inputs(model, pad)
-    kv = PositionKV() if kv_kind == "position" else SequenceKV(ids.shape[1])
+    kv = position_kv(model, ids) if kv_kind == "position" else SequenceKV(ids.shape[1])
     hook = RandomRows(count, extra, weights)
     with torch.no_grad():
         full = model(ids, positions, key_mask, kv_cache=kv, position_hook=hook)

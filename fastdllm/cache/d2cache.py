@@ -22,10 +22,13 @@ The confidences of the selected masked positions are updated from this step's lo
 step (the published code means to but, by an operator-precedence slip, keeps the first step's).
 
 Shapes: every row of the batch computes the same number of positions, the batch's largest
-selection, a row with fewer repeating its last selected position (a repeated position recomputes
-the same values, so a row decodes as it would alone; the published code tops up with more
-positions instead). That count depends on the data, so d2cache reads one integer per step back from
-the device: the visible exception to the fixed-shape rule (prefix/dual/dllm read none).
+selection rounded up to a multiple of COUNT_STEP (16; at most the sequence), a row with fewer
+repeating its last selected position (a repeated position recomputes the same values, so a row
+decodes as it would alone; the published code tops up with more positions instead). Positions
+computed count the repeats: they are computed. That count depends on the data, so d2cache reads one
+integer per step back from the device: the visible exception to the fixed-shape rule
+(prefix/dual/dllm read none); the rounding keeps the forward shapes, and so the captured graphs
+under engine=compiled, few.
 
 Attention weights (for the rollout) are computed only where used: in d2cache's forwards, by an
 explicit softmax over the selected queries only (`LayerPlan.attention_weights`); every other cache
@@ -55,6 +58,10 @@ from fastdllm.models.kv import PositionKV
 from fastdllm.generation.base import certainty_density
 from fastdllm.models.layers import LayerPlan
 from fastdllm.registry import check
+
+
+# The positions a step computes are padded (by repeating a row's last one) to a multiple of this.
+COUNT_STEP = 16
 
 
 @dataclass
@@ -118,7 +125,7 @@ class D2Cache(CacheStrategy):
         return self.config.sigma
 
     def begin_batch(self) -> None:
-        self.kv = PositionKV()
+        self.kv: Optional[PositionKV] = None
         self.prompt_length: Optional[int] = None
         # Per batch row, over the response: last computed confidence, and what was masked at the last forward.
         self.confidence: Optional[torch.Tensor] = None
@@ -139,7 +146,9 @@ class D2Cache(CacheStrategy):
         response_masked = masked[:, P:]
         picks, valid, selected = self.select(call, response_masked, block_start, block_end)
         selected_count = selected.sum(-1, keepdim=True)
-        count = int(selected_count.max())  # the one host read of a step (see the module docstring)
+        # The one host read of a step (see the module docstring), rounded up to a multiple of
+        # COUNT_STEP so that few forward shapes recur (each is one captured graph under engine=compiled).
+        count = min(call.length, -(-int(selected_count.max()) // COUNT_STEP) * COUNT_STEP)
         ordered = torch.where(selected, torch.arange(call.length, device=selected.device), 2 * call.length)
         positions = ordered.sort(-1).values[:, :count]
         positions = torch.where(positions < call.length, positions, positions.gather(1, selected_count - 1))
@@ -157,6 +166,10 @@ class D2Cache(CacheStrategy):
     def first_forward(self, call, masked, block_start, block_end):
         """Every position computed; the whole response's logits give the first confidences."""
         P = self.prompt_length = block_start  # the loop's first forward of a batch is at its first block
+        # Kept in place across the batch's forwards (call.buffer), as captured forwards need.
+        self.kv = PositionKV(*call.kv_buffers("d2cache"))
+        self.rollout = (call.buffer(("d2cache", "rollout"), (call.rows, call.length, call.length), torch.float32)
+                        if self.uses_rollout else None)
         self.begin_forward(call, None)
         logits = call.predict(P, call.length, (0, call.length), kv_cache=self.kv, position_hook=self)
         self.finish_forward(call, masked[:, P:])
@@ -194,13 +207,23 @@ class D2Cache(CacheStrategy):
         return picks, valid, selected
 
     def begin_forward(self, call, positions: Optional[torch.Tensor]) -> None:
-        """Point the key/value writes at the positions computed (the CFG copy too) and reset the rollout."""
-        doubled = call.cfg_scale > 0
-        self.positions = None if positions is None else positions.repeat(2, 1) if doubled else positions
+        """Point the key/value writes at the positions computed (the CFG copy too; in a buffer per
+        count, which a captured forward reads) and reset the rollout."""
+        self.positions = None
+        if positions is not None:
+            rows = positions.repeat(2, 1) if call.cfg_scale > 0 else positions
+            self.positions = call.buffer(("d2cache", "positions"), rows.shape, rows.dtype).copy_(rows)
         self.kv.writing(self.positions)
         if self.uses_rollout:
-            batch = call.tokens.shape[0] * (2 if doubled else 1)
-            self.rollout = torch.eye(call.length, device=call.tokens.device).expand(batch, -1, -1).clone()
+            self.rollout.copy_(torch.eye(call.length, device=self.rollout.device).expand_as(self.rollout))
+
+    def capture_key(self) -> tuple:
+        """What a captured forward depends on beyond its shapes: whether it computes every position."""
+        return self.positions is None, self.uses_rollout
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The rollout, which every layer's record updates from its own value."""
+        return [] if self.rollout is None else [self.rollout]
 
     def finish_forward(self, call, masked: torch.Tensor) -> None:
         self.masked_before = masked

@@ -71,13 +71,20 @@ class DLLMCache(CacheStrategy):
     def begin_batch(self) -> None:
         self.forward = 0
         self.prompt_length: Optional[int] = None
-        self.kv = PositionKV()
+        self.kv: Optional[PositionKV] = None
+        # Per layer: the attention and feed-forward outputs [rows, L, d] last computed at each position.
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def block_logits(self, call, block_start, block_end, step):
         if self.prompt_length is None:
             # The loop's first forward of a batch is at its first block: the response starts there.
             self.prompt_length = block_start
+            # Kept in place across the batch's forwards (call.buffer), as captured forwards need.
+            self.kv = PositionKV(*call.kv_buffers("dllm"))
+            shape = (call.rows, call.length, call.width)
+            self.outputs = {layer: (call.buffer(("dllm", "attention", layer), shape, call.dtype),
+                                    call.buffer(("dllm", "feed_forward", layer), shape, call.dtype))
+                            for layer in range(call.num_layers)}
         self.forward += 1
         n, config = self.forward - 1, self.config
         self.refresh_prompt = n % config.kp == 0
@@ -90,9 +97,18 @@ class DLLMCache(CacheStrategy):
 
     def layer_case(self, layer: int) -> tuple[bool, bool]:
         """(prompt computed in full, response computed in full) for this layer at this forward."""
-        if layer not in self.outputs or (layer == 0 and self.config.full_first_layer):
+        if self.forward == 1 or (layer == 0 and self.config.full_first_layer):
             return True, True
         return self.refresh_prompt, self.refresh_response
+
+    def capture_key(self) -> tuple:
+        """What a captured forward depends on beyond its shapes: every layer's case and the counts."""
+        cases = tuple(self.layer_case(layer) for layer in range(len(self.outputs)))
+        return cases, self.prompt_length, self.adaptive_count
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The cached value vectors, which an adaptive layer compares before it overwrites them."""
+        return list(self.kv.values.values())
 
     def rows_computed(self, layer: int, length: int) -> int:
         prompt, response = self.layer_case(layer)
@@ -130,4 +146,6 @@ class DLLMCache(CacheStrategy):
         return similarity.topk(k, dim=-1, largest=False).indices.sort(-1).values + P
 
     def record(self, layer, attention_out, feed_forward_out, attention_weights):
-        self.outputs[layer] = (attention_out, feed_forward_out)
+        attention, feed_forward = self.outputs[layer]
+        attention.copy_(attention_out)
+        feed_forward.copy_(feed_forward_out)

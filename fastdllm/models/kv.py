@@ -72,7 +72,7 @@ class SequenceKV:
         if rows is not None:
             check_recorded(self.keys, layer)
             return scatter_positions(self.keys[layer], self.values[layer], rows + start, key, value)
-        if (start, end) == (0, self.length):
+        if (start, end) == (0, self.length) and layer not in self.keys:
             self.keys[layer], self.values[layer] = key, value
             return key, value
         if layer not in self.keys:
@@ -104,14 +104,15 @@ class PositionKV:
 
     `writing(None)` (the default): the forward computes every position, in order; `writing(positions)`
     ([B, n] sequence indices, fixed n): it computes those. A forward over every position without
-    `rows` records its keys/values as they are; otherwise the fresh keys/values (of all computed
-    positions, or of the `rows` a hook's plan refreshes) are scattered in place.
+    `rows` copies its keys/values into the buffers; otherwise the fresh keys/values (of all computed
+    positions, or of the `rows` a hook's plan refreshes) are scattered in place. The buffers
+    ([B, kv_heads, L, head_dim] per layer, ModelCall.kv_buffers) are only ever written in place, so
+    that a captured forward reads and writes the same tensors at every replay.
     """
 
-    def __init__(self):
+    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]):
         self.positions: Optional[torch.Tensor] = None
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.keys, self.values = keys, values
 
     def buffers(self, layer, key_shape, dtype, device) -> None:
         return None  # written by scattering (update)
@@ -123,9 +124,9 @@ class PositionKV:
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor,
                rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.positions is None and rows is None:
-            self.keys[layer], self.values[layer] = key, value
-            return key, value
-        check_recorded(self.keys, layer)
+            self.keys[layer].copy_(key)
+            self.values[layer].copy_(value)
+            return self.keys[layer], self.values[layer]
         positions = self.positions if rows is None else rows if self.positions is None else self.positions.gather(1, rows)
         return scatter_positions(self.keys[layer], self.values[layer], positions, key, value)
 

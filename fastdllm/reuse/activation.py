@@ -30,31 +30,26 @@ class ActivationReuseConfig(PositionReuseConfig):
 
 @REUSES.register("activation", ActivationReuseConfig)
 class ActivationReuse(PositionReuse):
-    def begin_batch(self, num_layers: int) -> None:
-        super().begin_batch(num_layers)
-        # Per layer, over the whole sequence [rows, L, d]: each position's attention output when its
-        # feed-forward was last computed, and that feed-forward output.
-        self.attention: dict[int, torch.Tensor] = {}
-        self.feed_forward: dict[int, torch.Tensor] = {}
+    # Per layer, over the whole sequence: each position's attention output when its feed-forward was
+    # last computed, and that feed-forward output.
+    records = ("attention", "feed_forward")
 
     def position_hook(self, kv_cache):
         return None if self.reuses_nothing else (self, kv_cache)
 
     def plan(self, layer, hidden, normed, value_proj) -> LayerPlan:
         self.rows = None
-        if self.compute_all or layer not in self.feed_forward:
+        if self.compute_all:
             return LayerPlan()
+        attention, feed_forward = (self.kept[name][layer][:, self.span] for name in self.records)
 
         def feed_forward_rows(attention_out: torch.Tensor):
-            cached = self.attention[layer][:, self.span]
-            self.rows = self.rows_to_compute(change(attention_out, cached, self.config.metric))
+            self.rows = self.rows_to_compute(change(attention_out, attention, self.config.metric))
             return self.rows
 
-        return LayerPlan(feed_forward_rows=feed_forward_rows, feed_forward_out=self.feed_forward[layer][:, self.span])
+        return LayerPlan(feed_forward_rows=feed_forward_rows, feed_forward_out=feed_forward)
 
     def record(self, layer, attention_out, feed_forward_out, attention_weights) -> None:
-        if layer not in self.feed_forward:
-            self.attention[layer] = self.sequence_record(attention_out)
-            self.feed_forward[layer] = self.sequence_record(feed_forward_out)
-        write_rows(self.attention[layer][:, self.span], attention_out, self.rows)
-        self.feed_forward[layer][:, self.span] = feed_forward_out
+        attention, feed_forward = (self.kept[name][layer][:, self.span] for name in self.records)
+        write_rows(attention, attention_out, self.rows)
+        feed_forward.copy_(feed_forward_out)

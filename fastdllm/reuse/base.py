@@ -17,13 +17,16 @@ reads (e.g. top-k positions padded to a fixed count), never by reading device va
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from omegaconf import MISSING
 
 from fastdllm.models.layers import KVCache, PositionHook, ReusedLayers
 from fastdllm.registry import Registry
+
+if TYPE_CHECKING:
+    from fastdllm.forward import ModelCall
 
 REUSES = Registry("reuse")
 
@@ -43,12 +46,13 @@ class ReuseStrategy:
     def begin_step(self, block_start: int, block_end: int, step: int) -> None:
         """Called before the forward passes of each decoding step."""
 
-    def begin_forward(self, start: int, end: int, *, length: int, records_kv: bool,
-                      key_mask: Optional[torch.Tensor] = None, cache_hook: bool = False) -> None:
-        """Called before each forward pass: it computes positions [start, end) of the `length` positions;
-        `records_kv`: it is the full forward at which a key/value cache records every layer;
-        `key_mask` [B, L]: the real (not left-padding) positions, None when nothing is padded;
-        `cache_hook`: the cache chooses per layer which positions are computed (a position hook)."""
+    def begin_forward(self, call: "ModelCall", start: int, end: int, *, records_kv: bool, cache_hook: bool = False
+                      ) -> None:
+        """Called before each forward pass: it computes positions [start, end) of the call's `length`
+        positions; `records_kv`: it is the full forward at which a key/value cache records every layer;
+        `cache_hook`: the cache chooses per layer which positions are computed (a position hook).
+        `call.key_mask` [B, L]: the real (not left-padding) positions, None when nothing is padded;
+        `call.buffer(...)`: tensors to keep across forwards (allocate them here, never inside the forward)."""
 
     def begin_forward_at(self, positions: torch.Tensor) -> None:
         """Called instead of begin_forward before a forward over scattered positions [B, n]."""

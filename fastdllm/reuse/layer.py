@@ -106,13 +106,13 @@ class LayerReuse(ReuseStrategy):
         interval = self.config.refresh_interval
         self.refinement = step > 0 and (interval is None or step % interval != 0)
 
-    def begin_forward(self, start, end, *, length, records_kv, key_mask=None, cache_hook=False):
+    def begin_forward(self, call, start, end, *, records_kv, cache_hook=False):
         if cache_hook and self.skipped:
             raise ConfigError("reuse=layer does not combine with a cache that chooses per layer which positions are "
                               "computed (cache=dllm|d2cache): a skipped layer would leave its per-layer features stale; "
                               "use cache=none|prefix|dual")
         self.span = slice(start, end)
-        self.length = length
+        self.length = call.length
         self.skipping = self.refinement and not records_kv
 
     def begin_forward_at(self, positions):

@@ -96,8 +96,13 @@ class PositionReuse(ReuseStrategy):
             log.warning(f"reuse={config.name} without max_ratio reads the count of changed positions on the host "
                         "once per layer: decoding leaves the GPU fast path")
 
+    # Per-layer records over the whole sequence this strategy keeps ([rows, L, d] each, by name).
+    records: tuple[str, ...] = ()
+
     def begin_batch(self, num_layers: int) -> None:
         self.refresh = True
+        # Whether a forward of this batch has run (it computed and recorded every layer).
+        self.recorded = False
 
     def begin_step(self, block_start: int, block_end: int, step: int) -> None:
         interval = self.config.refresh_interval
@@ -108,26 +113,38 @@ class PositionReuse(ReuseStrategy):
         """The degenerate setting: every position is recomputed, so no hook is needed at all."""
         return self.config.tolerance == 0 and self.config.max_ratio in (None, 1.0)
 
-    def begin_forward(self, start, end, *, length, records_kv, key_mask=None, cache_hook=False):
+    def begin_forward(self, call, start, end, *, records_kv, cache_hook=False):
         if cache_hook and not self.reuses_nothing:
             raise ConfigError(f"reuse={self.config.name} does not combine with a cache that chooses per layer which "
                               "positions are computed (cache=dllm|d2cache): use cache=none|prefix|dual")
         self.span = slice(start, end)
-        self.length = length
-        self.real = None if key_mask is None else key_mask[:, start:end]
-        self.compute_all = self.refresh or records_kv
+        self.length = call.length
+        self.real = None if call.key_mask is None else call.key_mask[:, start:end]
+        self.compute_all = self.refresh or records_kv or not self.recorded
+        self.recorded = True
+        # The records, kept in place (call.buffer): a block's first step computes every position its
+        # refinement steps compute, so reads find them recorded (a batch's first forward need not
+        # cover the sequence: a block-causal model's prefill covers the prompt's blocks).
+        shape = (call.rows, call.length, call.width)
+        self.kept = {name: [call.buffer((self.config.name, name, layer), shape, call.dtype) for layer in range(call.num_layers)]
+                     for name in self.records}
+
+    def capture_key(self) -> Optional[tuple]:
+        """What a captured forward depends on beyond its shapes; None (no capture) where the count of
+        positions to recompute is read on the host (no max_ratio)."""
+        if self.config.max_ratio is None and self.config.tolerance > 0:
+            return None
+        return self.compute_all, self.span.start, self.span.stop, self.real is None
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The records a forward reads before it overwrites them (put back after a capture's warm-up)."""
+        return self.kept[self.records[0]]
 
     def begin_forward_at(self, positions):
         if self.reuses_nothing:
             return
         raise ConfigError(f"reuse={self.config.name} needs forwards over a contiguous span of positions; this cache "
                           "computes scattered positions: use cache=none|prefix|dual")
-
-    def sequence_record(self, like: torch.Tensor) -> torch.Tensor:
-        """Zeros [rows, L, d] for a per-position record over the whole sequence. A batch's first forward
-        need not cover it (a block-causal model's prefill covers the prompt's blocks), but a block's
-        first step computes every position its refinement steps compute, so reads find them recorded."""
-        return like.new_zeros(like.shape[0], self.length, like.shape[-1])
 
     def rows_to_compute(self, changed: torch.Tensor) -> Optional[torch.Tensor]:
         """Rows [R, k] (fixed k) to recompute given each row's change [R, n]; None: every row."""
@@ -156,19 +173,19 @@ class PositionReuse(ReuseStrategy):
 
 @REUSES.register("trim", PositionReuseConfig)
 class TrimReuse(PositionReuse):
+    # Per layer, over the whole sequence: the input when each position was last computed, and the
+    # attention and feed-forward outputs computed then.
+    records = ("inputs", "attention", "feed_forward")
+
     def begin_batch(self, num_layers: int) -> None:
         super().begin_batch(num_layers)
         # With cache=none, trim keeps every layer's keys/values itself; prefix/dual keep theirs.
         self.own_kv: Optional[SequenceKV] = None
-        # Per layer, over the whole sequence [rows, L, d]: the input when each position was last
-        # computed, and the attention and feed-forward outputs computed then.
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def begin_forward(self, start, end, *, length, records_kv, key_mask=None, cache_hook=False):
-        super().begin_forward(start, end, length=length, records_kv=records_kv, key_mask=key_mask, cache_hook=cache_hook)
+    def begin_forward(self, call, start, end, *, records_kv, cache_hook=False):
+        super().begin_forward(call, start, end, records_kv=records_kv, cache_hook=cache_hook)
         if self.own_kv is None:
-            self.own_kv = SequenceKV(length)
+            self.own_kv = SequenceKV(call.length)
         self.own_kv.computing(start, end)
 
     def position_hook(self, kv_cache):
@@ -177,21 +194,16 @@ class TrimReuse(PositionReuse):
         return self, self.own_kv if kv_cache is None else kv_cache
 
     def plan(self, layer, hidden, normed, value_proj) -> LayerPlan:
-        if self.compute_all or layer not in self.outputs:
-            rows = None
-        else:
-            rows = self.rows_to_compute(change(hidden, self.inputs[layer][:, self.span], self.config.metric))
+        inputs, attention, feed_forward = (self.kept[name][layer][:, self.span] for name in self.records)
+        rows = None if self.compute_all else self.rows_to_compute(change(hidden, inputs, self.config.metric))
         self.pending = (hidden, rows)
         if rows is None:
             return LayerPlan()
-        attention_out, feed_forward_out = (out[:, self.span] for out in self.outputs[layer])
-        return LayerPlan(compute=rows, attention_out=attention_out, feed_forward_out=feed_forward_out)
+        return LayerPlan(compute=rows, attention_out=attention, feed_forward_out=feed_forward)
 
     def record(self, layer, attention_out, feed_forward_out, attention_weights) -> None:
         hidden, rows = self.pending
-        if layer not in self.outputs:
-            self.inputs[layer] = self.sequence_record(hidden)
-            self.outputs[layer] = (self.sequence_record(attention_out), self.sequence_record(feed_forward_out))
-        write_rows(self.inputs[layer][:, self.span], hidden, rows)
-        self.outputs[layer][0][:, self.span] = attention_out
-        self.outputs[layer][1][:, self.span] = feed_forward_out
+        inputs, attention, feed_forward = (self.kept[name][layer][:, self.span] for name in self.records)
+        write_rows(inputs, hidden, rows)
+        attention.copy_(attention_out)
+        feed_forward.copy_(feed_forward_out)
