@@ -28,6 +28,13 @@ from fastdllm.models.base import DiffusionLM
 from fastdllm.reuse import REUSES
 
 
+# On a GPU, prompts are left-padded to a multiple of this many tokens (bidirectional families): an
+# evaluation's batches then share a few sequence lengths, and engine=compiled keeps its captured graphs
+# and buffers from batch to batch instead of capturing them again for every new length. Padding is
+# masked out of attention, so a sample decodes as it does alone; its positions count as computed.
+GPU_LENGTH_BUCKET = 64
+
+
 @dataclass
 class LoadedModel:
     """A model ready to decode: weights, tokenizer, stop tokens, and the engine that runs its forwards."""
@@ -97,10 +104,11 @@ class Decoder:
 
     def generate(self, prompts: list[list[int]], *, gen_length: int, generators: list[torch.Generator],
                  on_step: Optional[Callable[[Step], None]] = None) -> BatchOutput:
+        pad_to = GPU_LENGTH_BUCKET if self.loaded.device.type == "cuda" else 1
         with self.loaded.lock:
             return generate(self.model, prompts, gen_length=gen_length, generation=self.generation, cache=self.cache,
                             reuse=self.reuse, generators=generators, stop_ids=self.stop_ids, engine=self.loaded.engine,
-                            on_step=on_step)
+                            on_step=on_step, pad_to=pad_to)
 
     def engine_report(self) -> dict[str, Any]:
         """Which engine ran, what ran off its fast path and why, and the seconds spent capturing graphs

@@ -28,10 +28,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import os
 import sys
 import time
 import types
 import weakref
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -58,6 +60,11 @@ STATIC_SHAPES = 32
 _SPECIALISED = contextvars.ContextVar("specialised_kernels", default=False)
 # Positions (rows x span) up to which a half-precision forward's matrix products use cuBLASLt (see _blas_library).
 FEW_POSITIONS = 160
+
+
+# Where torch.compile keeps its compiled kernels between runs (unless TORCHINDUCTOR_CACHE_DIR is set):
+# a second evaluation on the same machine loads them instead of compiling again.
+COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastdllm" / "torch-compile"
 
 
 def notice(message: str) -> None:
@@ -120,6 +127,8 @@ class CompiledEngine:
         self.num_layers, self.width = len(blocks), embedding.weight.shape[1]
         self.device, self.dtype = embedding.weight.device, embedding.weight.dtype
         on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         self.graphs = on_gpu
         wrap = compile_or_eager if on_gpu else (lambda fn, **_: fn)
         # rotate_qkv_into's keys/values (arguments 5, 6) span the whole sequence: their length stays symbolic.

@@ -115,6 +115,10 @@ class FastDLLMHarness(LM):
         for length, batch in tqdm(batches, disable=disable_tqdm, desc="fastdllm generate_until"):
             for i, answer in zip(batch, self._decode(batch, length, contexts, prompts, kwargs)):
                 answers[i] = answer
+        report = self.decoder.engine_report()
+        print(f"fastdllm: {self.nfe_total} forward passes in {self.decode_seconds:.1f} s, engine={report['engine']}, "
+              f"warm-up {report['warmup_seconds']} s, fallbacks: {'; '.join(report['engine_fallbacks']) or 'none'}",
+              file=sys.stderr)
         return answers
 
     def _decode(self, indices: list[int], gen_length: int, contexts: list[str], prompts: list[list[int]],

@@ -95,9 +95,12 @@ class Layout:
     length: int
 
     @classmethod
-    def of(cls, lengths: list[int], gen_length: int, block_length: int, block_causal: bool) -> "Layout":
+    def of(cls, lengths: list[int], gen_length: int, block_length: int, block_causal: bool,
+           pad_to: int = 1) -> "Layout":
+        """`pad_to`: bidirectional families pad the prompts to a multiple of it, so that batches of
+        nearby prompt lengths share one sequence length (and engine=compiled's graphs and buffers)."""
         if not block_causal:
-            prompt_length = max(lengths)
+            prompt_length = -(-max(lengths) // pad_to) * pad_to
             return cls([prompt_length - n for n in lengths], [prompt_length] * len(lengths),
                        [prompt_length + gen_length] * len(lengths), prompt_length, gen_length // block_length,
                        prompt_length + gen_length)
@@ -124,6 +127,8 @@ def generate(
     engine: Optional[CompiledEngine] = None,
     # Called after every step with what it committed (chat, web UI); its time counts in `seconds`.
     on_step: Optional[Callable[[Step], None]] = None,
+    # Pad the prompts of a bidirectional family to a multiple of this many tokens (see Layout.of).
+    pad_to: int = 1,
 ) -> BatchOutput:
     """Decode a batch of prompts. Block-causal families (Fast-dLLM v2) also run, outside the denoising
     steps, one forward over the prompt's complete blocks (prefill) and one over each finished block:
@@ -137,7 +142,7 @@ def generate(
     if min(len(p) for p in prompts) == 0:
         raise ConfigError("a prompt is empty: every sample needs at least one prompt token")
     block_length = config.block_length
-    layout = Layout.of([len(p) for p in prompts], gen_length, block_length, model.block_causal)
+    layout = Layout.of([len(p) for p in prompts], gen_length, block_length, model.block_causal, pad_to)
     if max(layout.length - pad for pad in layout.pads) > model.config.max_context:
         raise ConfigError(
             f"prompt of {max(len(p) for p in prompts)} tokens + generation.gen_length={gen_length} exceeds the model "

@@ -71,7 +71,10 @@ def print_table(results: dict[str, Any]) -> None:
         ("tokens/s (answer tokens up to EOS)", f"{results['tokens_per_s']:.1f}"),
         ("tokens/s (all gen_length tokens)", f"{results['tokens_per_s_all']:.1f}"),
         ("latency mean / p95 (s, per batch)", f"{results['latency_mean_s']:.3f} / {results['latency_p95_s']:.3f}"),
+        ("engine", results.get("engine", "eager")),
+        ("warm-up (s, graph capture, compilation)", f"{results.get('warmup_seconds', 0.0):.1f}"),
     ]
+    rows += [("fell back", reason) for reason in results.get("engine_fallbacks", [])]
     table.add_column("metric")
     table.add_column("value", justify="right")
     for row in rows:

@@ -162,3 +162,22 @@ def test_positions_computed_fall_as_predicted(family, cache, refresh_interval, t
     assert not (out.responses == model.config.mask_token_id).any()
     reference = decode_without_cache(family, block_length, threshold)
     assert sum(out.positions) < sum(reference.positions)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_prompts_padded_to_a_bucket_decode_the_same(family, cache):
+    """Padding the prompts to a multiple of a bucket (what a GPU run does, so that batches share graphs)
+    changes no token: padding is masked out and positions start at each prompt's first token."""
+    model, tokenizer = tiny(family)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    outputs = []
+    for pad_to in (1, 16):
+        outputs.append(generate(model, prompts, gen_length=GEN_LENGTH,
+                                generation=GENERATIONS.build({"name": "vanilla", "gen_length": GEN_LENGTH, "block_length": 8}),
+                                cache=CACHES.build({"name": cache}), reuse=REUSES.build({"name": "none"}),
+                                generators=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+                                stop_ids=[model.config.eos_token_id], pad_to=pad_to))
+    unpadded, padded = outputs
+    assert torch.equal(padded.responses, unpadded.responses) and padded.nfe == unpadded.nfe
+    assert padded.forward_shapes[0].length % 16 == 0 and padded.forward_shapes[0].length > unpadded.forward_shapes[0].length

@@ -66,6 +66,11 @@ def test_run_writes_outputs_and_threshold_needs_fewer_passes(tiny_llada_dir, tmp
     saved = json.loads((tmp_path / "vanilla" / "results.json").read_text())
     assert saved["samples"] == 4 and saved["nfe_mean"] == 32 == vanilla["nfe_mean"]
     assert parallel["nfe_mean"] <= vanilla["nfe_mean"]
+    # Which engine ran and what fell back (here: eager on the CPU, nothing), and the warm-up apart.
+    assert (saved["engine"], saved["engine_fallbacks"], saved["warmup_seconds"]) == ("eager", [], 0.0)
+    compiled = evaluate(tiny_llada_dir, tmp_path / "compiled", "limit=4", "engine=compiled")
+    assert compiled["engine"] == "compiled" and compiled["nfe_mean"] == vanilla["nfe_mean"]
+    assert compiled["engine_fallbacks"] == ["engine=compiled on cpu: the forward runs without compiled kernels or CUDA graphs"]
     records = list(by_id(tmp_path / "vanilla").values())
     assert [r["id"] for r in records] == [f"gsm8k-test-{i}" for i in range(4)]
     for r in records:

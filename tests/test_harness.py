@@ -84,6 +84,9 @@ def test_generate_until_matches_the_loop_and_the_task_scorer(harness, task_dir):
     assert output["results"]["fastdllm_arith"]["exact_match,final-number"] == pytest.approx(ours)
     assert ours >= 0.5  # the tiny model does solve arith
     assert harness.nfe_total > 0
+    # It says which engine ran (the CPU: eager) and that nothing fell back.
+    assert harness.decoder.engine_report() | {"warmup_seconds": 0.0} == {
+        "engine": "eager", "engine_graphs": False, "engine_fallbacks": [], "warmup_seconds": 0.0}
 
 
 def test_loglikelihood_is_the_masked_conditional(harness, task_dir):
